@@ -1,0 +1,3 @@
+"""convlstm: ConvLSTM-family models for spatiotemporal prediction."""
+
+__version__ = "0.1.0"
