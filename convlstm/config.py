@@ -1,0 +1,237 @@
+"""Typed configs with one source of defaults, strict validation, and named model presets.
+
+`ModelConfig` says what network to build; `TrainConfig` says how to train it. Both are plain
+dataclasses: the dataclass defaults are the only defaults, presets are named overrides of
+them, and command-line flags override presets. Unknown keys and values of the wrong type are
+`ConfigError`s, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from convlstm.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelConfig:
+    """What network to build. Every field is used by `convlstm.models.build_model`."""
+
+    # "stacked": a stack of cells that emits the next frame at every step (OpenSTL ConvLSTM-S/L);
+    # "encoder_forecaster": Shi et al.'s strided encoder and mirrored forecaster.
+    architecture: Literal["stacked", "encoder_forecaster"] = "stacked"
+    cell: Literal["convlstm"] = "convlstm"  # the recurrent cell of every layer
+    in_channels: int = 1  # channels of one input frame (1 for Moving MNIST and radar)
+    hidden_channels: tuple[int, ...] = (64, 64)  # one entry per recurrent layer, bottom first
+    kernel_size: int = 5  # odd, so that "same" padding keeps the grid size
+    patch_size: int = 4  # frames are cut into patch x patch blocks stacked as channels
+    # encoder_forecaster only: stride of the convolution in front of each recurrent layer
+    # (the forecaster mirrors them with transposed convolutions); empty = (1, 2, 2, ...).
+    stage_strides: tuple[int, ...] = ()
+    forget_bias: float = 1.0  # initial forget-gate bias: remember by default early in training
+    output_activation: Literal["none", "sigmoid"] = "none"  # applied to every predicted frame
+
+    def __post_init__(self) -> None:
+        _validate_types(self)
+        if not self.hidden_channels or any(c <= 0 for c in self.hidden_channels):
+            raise ConfigError(f"hidden_channels must be positive, got {self.hidden_channels}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(
+                f"kernel_size must be odd and positive (same padding), got {self.kernel_size}"
+            )
+        if self.in_channels < 1 or self.patch_size < 1:
+            raise ConfigError("in_channels and patch_size must be at least 1")
+        if self.architecture == "stacked" and self.stage_strides:
+            raise ConfigError("stage_strides applies to architecture=encoder_forecaster only")
+        if self.architecture == "encoder_forecaster":
+            if not self.stage_strides:
+                self.stage_strides = (1,) + (2,) * (len(self.hidden_channels) - 1)
+            if len(self.stage_strides) != len(self.hidden_channels):
+                raise ConfigError(
+                    f"stage_strides {self.stage_strides} needs one stride per layer of "
+                    f"hidden_channels {self.hidden_channels}"
+                )
+            if any(s < 1 for s in self.stage_strides):
+                raise ConfigError(f"stage_strides must be >= 1, got {self.stage_strides}")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field is read by `convlstm.training.train`."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16
+    context_frames: int = 10  # frames the model sees
+    horizon: int = 10  # frames it predicts
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 5e-4  # peak learning rate
+    weight_decay: float = 0.0
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_steps: int = 0  # linear warmup before "cosine" (onecycle uses pct_start)
+    pct_start: float = 0.3  # share of steps that onecycle spends rising to lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    loss: Literal["mse", "mae", "bce", "mse+mae"] = "mse"
+    # "auto": bf16 autocast on CUDA, fp32 elsewhere; "fp16" adds a gradient scaler.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Scheduled sampling (OpenSTL): each forecast step is fed the true previous frame with
+    # probability p, else the model's own prediction; p falls linearly from ss_start to 0
+    # over ss_decay_steps (OpenSTL: 1.0 -> 0 at 2e-5 per iteration, i.e. 50k steps).
+    scheduled_sampling: Literal["none", "linear"] = "linear"
+    ss_start: float = 1.0
+    ss_decay_steps: int = 50_000
+    eval_every: int = 0  # evaluate every N steps; 0 = only at the end
+    eval_batch_size: int = 64
+    checkpoint_every: int = 0  # save every N steps; 0 = only at the end
+    log_every: int = 25  # read the loss back from the device every N steps
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_project: str = "convlstm"
+
+    def __post_init__(self) -> None:
+        _validate_types(self)
+        for name in ("steps", "batch_size", "context_frames", "horizon", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0.0 < self.pct_start < 1.0:
+            raise ConfigError(f"pct_start must be in (0, 1), got {self.pct_start}")
+        if not 0.0 <= self.ss_start <= 1.0:
+            raise ConfigError(f"ss_start must be in [0, 1], got {self.ss_start}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "ss_decay_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every must be at least 1, got {self.log_every}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
+
+
+# Named model presets: overrides of ModelConfig's defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # OpenSTL's ConvLSTM-S for Moving MNIST: 4 layers x 128, 5x5 kernels, 4x4 patches.
+    "mmnist-convlstm-s": dict(hidden_channels=(128, 128, 128, 128), kernel_size=5, patch_size=4),
+    # OpenSTL's ConvLSTM-L: 4 layers x 192.
+    "mmnist-convlstm-l": dict(hidden_channels=(192, 192, 192, 192), kernel_size=5, patch_size=4),
+    # Shi et al. 2015's Moving MNIST network: 128-64-64, 5x5 kernels, 4x4 patches.
+    "mmnist-shi2015": dict(hidden_channels=(128, 64, 64), kernel_size=5, patch_size=4),
+    # Small enough to learn motion in a few CPU minutes (the README's quick start).
+    "mmnist-cpu-small": dict(hidden_channels=(64, 64), kernel_size=3, patch_size=4),
+    # Shi et al. 2017's encoder-forecaster layout, scaled to 64x64 frames.
+    "mmnist-encoder-forecaster": dict(
+        architecture="encoder_forecaster",
+        hidden_channels=(64, 96, 96),
+        kernel_size=3,
+        patch_size=4,
+        stage_strides=(1, 2, 2),
+    ),
+}
+
+
+def from_name(name: str, **overrides: Any) -> ModelConfig:
+    """The preset `name` with `overrides` applied; unknown names and keys are ConfigErrors."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return build(ModelConfig, {**PRESETS[name], **overrides})
+
+
+def build(cls: type[T], values: dict[str, Any]) -> T:
+    """Construct dataclass `cls` from a dict, rejecting unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
+        )
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return json_ready(dataclasses.asdict(config))
+
+
+def json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def _validate_types(config: Any) -> None:
+    """Check every field against its annotation; coerce lists to tuples and ints to floats."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        try:
+            setattr(config, f.name, _coerce(value, hints[f.name]))
+        except TypeError as err:
+            raise ConfigError(
+                f"{type(config).__name__}.{f.name}: {err} (got {value!r})"
+            ) from None
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise TypeError(f"expected one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option)
+            except TypeError:
+                continue
+        raise TypeError(f"expected {annotation}")
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        if not isinstance(value, (tuple, list)):
+            raise TypeError("expected a sequence")
+        return tuple(_coerce(v, item_type) for v in value)
+    if annotation is type(None):
+        if value is not None:
+            raise TypeError("expected None")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise TypeError("expected true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("expected an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError("expected a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise TypeError("expected a string")
+        return value
+    raise TypeError(f"unsupported annotation {annotation}")
+
+
+def field_type(cls: type, name: str) -> Any:
+    """The resolved annotation of one field (the CLI uses it to parse flags)."""
+    return typing.get_type_hints(cls)[name]
+
+
+__all__ = [
+    "ModelConfig",
+    "TrainConfig",
+    "PRESETS",
+    "from_name",
+    "build",
+    "to_dict",
+    "field_type",
+]

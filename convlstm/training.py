@@ -1,0 +1,262 @@
+"""The one training loop, top to bottom: data -> forward (autocast) -> loss -> backward ->
+clip -> step -> log -> evaluate -> checkpoint. Every feature is a TrainConfig field on this path.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from convlstm.checkpoint import load_checkpoint, save_checkpoint, set_rng_states
+from convlstm.config import ModelConfig, TrainConfig, build, to_dict
+from convlstm.errors import ConfigError
+from convlstm.evaluation import autocast, evaluate
+from convlstm.losses import get_loss
+from convlstm.models import build_model, count_parameters
+from convlstm.tracking import Tracker
+from convlstm.visualize import save_gif
+
+BatchSource = Callable[[int], Tensor]  # step -> (B, T, C, H, W) on the CPU, the same for a step
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether to use a gradient scaler)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {
+        "fp32": (None, False),
+        "bf16": (torch.bfloat16, False),
+        "fp16": (torch.float16, True),
+    }[precision]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.pct_start
+        )
+    warmup = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def teacher_probability(cfg: TrainConfig, step: int) -> float:
+    """Chance that a forecast step is fed the true previous frame (scheduled sampling)."""
+    if cfg.scheduled_sampling == "none" or cfg.ss_decay_steps == 0:
+        return 0.0
+    return max(0.0, cfg.ss_start * (1.0 - step / cfg.ss_decay_steps))
+
+
+def teacher_mask(cfg: TrainConfig, step: int, batch: int, device: torch.device) -> Tensor | None:
+    """(B, horizon - 1) bool, drawn from a generator seeded by (seed, step): exact on resume."""
+    p = teacher_probability(cfg, step)
+    if p == 0.0 or cfg.horizon < 2:
+        return None
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return (torch.rand(batch, cfg.horizon - 1, generator=gen) < p).to(device)
+
+
+def train(
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    train_batches: BatchSource,
+    eval_sequences: Tensor,
+    out_dir: str | Path,
+    tracker: Tracker | None = None,
+    resume: str | Path | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a model from `model_config`; returns the model, final metrics and timings.
+
+    Writes `<out_dir>/checkpoint.pt` (every `checkpoint_every` steps and at the end) and
+    `<out_dir>/forecast.gif` (context | truth | forecast on the first evaluation sequences).
+    """
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
+    loss_fn = get_loss(cfg.loss)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_config).to(device)
+    if cfg.scheduled_sampling != "none" and not model.feeds_back:
+        raise ConfigError(
+            f"scheduled_sampling={cfg.scheduled_sampling} needs a model fed its own predictions "
+            f"(architecture=stacked); {model_config.architecture} is not: use scheduled_sampling=none"
+        )
+    if cfg.loss == "bce" and model_config.output_activation != "sigmoid":
+        raise ConfigError("loss=bce needs output_activation=sigmoid (predictions in [0, 1])")
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    start_step = 0
+    if resume is not None:
+        payload = load_checkpoint(resume, map_location=device)
+        if build(ModelConfig, payload["model_config"]) != model_config:
+            raise ConfigError(f"{resume} was trained with another model config; cannot resume")
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        scaler.load_state_dict(payload["scaler"])
+        set_rng_states(payload["rng"])
+        start_step = payload["step"]
+
+    def checkpoint(step: int, metrics: dict[str, Any] | None = None) -> Path:
+        return save_checkpoint(
+            out_dir / "checkpoint.pt",
+            model=model,
+            model_config=model_config,
+            train_config=cfg,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            step=step,
+            metrics=metrics,
+            extra=extra_config,
+        )
+
+    def run_eval(step: int) -> dict[str, Any]:
+        model.eval()
+        metrics = evaluate(
+            model,
+            eval_sequences,
+            context_frames=cfg.context_frames,
+            horizon=cfg.horizon,
+            batch_size=cfg.eval_batch_size,
+            device=device,
+            autocast_dtype=amp_dtype,
+        )
+        model.train()
+        if tracker is not None:
+            scalars = {f"val/{k}": metrics[k] for k in ("mse_frame", "mae_frame", "ssim", "psnr")}
+            for name in ("mse_frame", "ssim"):
+                for lead, value in enumerate(metrics["per_lead"][name], start=1):
+                    scalars[f"val_lead/{name}_t{lead:02d}"] = value
+            tracker.log(scalars, step=step)
+        return metrics
+
+    frames_needed = cfg.context_frames + cfg.horizon
+    progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=None, file=sys.stderr)
+    quiet_bar = progress.disable  # no terminal: print a line per log interval instead
+    model.train()
+    window_loss = torch.zeros((), device=device)
+    window_start, window_steps = time.perf_counter(), 0
+    train_start = time.perf_counter()
+    losses: list[tuple[int, float]] = []
+    metrics: dict[str, Any] = {}
+    for step in range(start_step, cfg.steps):
+        batch = train_batches(step)  # (B, T, C, H, W)
+        if batch.shape[1] < frames_needed:
+            raise ConfigError(
+                f"training sequences have {batch.shape[1]} frames; need {frames_needed}"
+            )
+        batch = batch.to(device, non_blocking=True)
+        context = batch[:, : cfg.context_frames]  # (B, Tc, C, H, W)
+        target = batch[:, cfg.context_frames : frames_needed]  # (B, horizon, C, H, W)
+        mask = teacher_mask(cfg, step, batch.shape[0], device)
+
+        with autocast(device, amp_dtype):
+            preds = model(context, cfg.horizon, targets=target, teacher_mask=mask)
+        loss = loss_fn(preds.float(), target)  # outside autocast: losses run in fp32
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        window_loss += loss.detach()  # stays on the device: no host sync per step
+        window_steps += 1
+        progress.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            mean_loss = (window_loss / window_steps).item()
+            elapsed = time.perf_counter() - window_start
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training loss became {mean_loss} at step {done}")
+            losses.append((done, mean_loss))
+            stats = {
+                "train/loss": mean_loss,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/teacher_prob": teacher_probability(cfg, step),
+                "train/seq_per_s": window_steps * cfg.batch_size / elapsed,
+            }
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats['train/lr']:.2e}")
+            if quiet_bar:
+                print(f"step {done}/{cfg.steps} loss {mean_loss:.5f} lr {stats['train/lr']:.2e} "
+                      f"{stats['train/seq_per_s']:.1f} seq/s", flush=True)
+            if tracker is not None:
+                tracker.log(stats, step=done)
+            window_loss.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            metrics = run_eval(done)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+            checkpoint(done, metrics)
+    progress.close()
+    train_seconds = time.perf_counter() - train_start
+    steps_run = cfg.steps - start_step
+
+    metrics = run_eval(cfg.steps)
+    ckpt_path = checkpoint(cfg.steps, metrics)
+    gif_path = _forecast_gif(model, eval_sequences, cfg, device, amp_dtype, out_dir / "forecast.gif")
+    if tracker is not None:
+        tracker.log_media("val/forecast", gif_path, step=cfg.steps, caption="context | truth | forecast")
+    return {
+        "model": model,
+        "metrics": metrics,
+        "losses": losses,
+        "checkpoint": ckpt_path,
+        "gif": gif_path,
+        "device": str(device),
+        "precision": "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+        "parameters": count_parameters(model),
+        "train_seconds": train_seconds,
+        "train_seq_per_s": steps_run * cfg.batch_size / train_seconds if steps_run else 0.0,
+        "config": {"model": to_dict(model_config), "train": to_dict(cfg)},
+    }
+
+
+@torch.no_grad()
+def _forecast_gif(model, sequences, cfg, device, amp_dtype, path: Path, count: int = 4) -> Path:
+    model.eval()
+    batch = sequences[:count].to(device)
+    context = batch[:, : cfg.context_frames]
+    truth = batch[:, cfg.context_frames : cfg.context_frames + cfg.horizon]
+    with autocast(device, amp_dtype):
+        forecast = model(context, cfg.horizon)
+    model.train()
+    return save_gif(path, context.float().cpu(), truth.float().cpu(), forecast.float().cpu())
