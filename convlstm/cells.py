@@ -40,7 +40,8 @@ class ConvLSTMCell(nn.Module):
             raise ConfigError(f"kernel_size must be odd (same padding), got {kernel_size}")
         if in_channels < 0 or hidden_channels < 1:
             raise ConfigError(
-                f"need in_channels >= 0 and hidden_channels >= 1, got {in_channels}, {hidden_channels}"
+                f"need in_channels >= 0 and hidden_channels >= 1, got {in_channels}, "
+                f"{hidden_channels}"
             )
         self.in_channels = in_channels
         self.hidden_channels = hidden_channels
@@ -85,10 +86,13 @@ class ConvLSTMCell(nn.Module):
                 raise ShapeError(f"ConvLSTMCell expects x of shape (B, C, H, W), got {got}")
             if x.shape[1] != self.in_channels:
                 raise ShapeError(
-                    f"ConvLSTMCell was built for {self.in_channels} input channels, got {x.shape[1]}"
+                    f"ConvLSTMCell was built for {self.in_channels} input channels, "
+                    f"got {x.shape[1]}"
                 )
             if state is None:
-                state = self.init_state(x.shape[0], x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+                state = self.init_state(
+                    x.shape[0], x.shape[2], x.shape[3], device=x.device, dtype=x.dtype
+                )
             h, c = state
             stacked = torch.cat([x, h.to(x.dtype)], dim=1)  # (B, C_in + C_hid, H, W)
         gates = self.conv(stacked)  # (B, 4 * C_hid, H, W)

@@ -110,7 +110,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a damaged zip; all mean one thing
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {first}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated or corrupt?): {first}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a convlstm checkpoint (format {FORMAT})")
     return payload

@@ -47,7 +47,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> 
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = annotation
-        kwargs["help"] = f"(default: {f.default!r})" if f.default is not dataclasses.MISSING else None
+        kwargs["help"] = (
+            f"(default: {f.default!r})" if f.default is not dataclasses.MISSING else None
+        )
         group.add_argument(flag, **kwargs)
 
 

@@ -2,7 +2,7 @@
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad flag, bad shape, missing file); never a bug in the library."""
+    """A mistake the user can fix (bad flag, bad shape, missing file), not a library bug."""
 
 
 class ConfigError(UserError, ValueError):

@@ -13,7 +13,9 @@ from convlstm.errors import ShapeError
 from convlstm.layers import check_video
 from convlstm.metrics import VideoMetrics
 
-Predictor = Callable[[Tensor, int], Tensor]  # (context (B, Tc, C, H, W), horizon) -> (B, horizon, ...)
+Predictor = Callable[
+    [Tensor, int], Tensor
+]  # (context (B, Tc, C, H, W), horizon) -> (B, horizon, ...)
 
 
 @torch.no_grad()

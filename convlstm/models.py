@@ -64,17 +64,33 @@ class StackedForecaster(nn.Module):
 
     def encode(self, context: Tensor, state: StackedState | None = None) -> StackedState:
         """Read context frames (B, T, C, H, W), layer by layer over the whole sequence."""
+        return self._encode(context, state, every_step=False)[0]
+
+    def encode_with_predictions(
+        self, context: Tensor, state: StackedState | None = None
+    ) -> tuple[StackedState, Tensor]:
+        """encode(), plus the prediction made after every context frame: (B, T, C, H, W), where
+        [:, t] predicts frame t + 1 (OpenSTL trains on these and the forecast: 19 frames)."""
+        return self._encode(context, state, every_step=True)
+
+    def _encode(
+        self, context: Tensor, state: StackedState | None, every_step: bool
+    ) -> tuple[StackedState, Tensor | None]:
         check_video(context, "context")
         if context.shape[2] != self.config.in_channels:
             raise ShapeError(
-                f"model expects {self.config.in_channels} channels per frame, got {context.shape[2]}"
+                f"model expects {self.config.in_channels} channels per frame, "
+                f"got {context.shape[2]}"
             )
         b, t = context.shape[:2]
         x = patchify(context.flatten(0, 1), self.patch).unflatten(0, (b, t))  # (B, T, Cp, h, w)
         layer_states = [None] * len(self.layers) if state is None else list(state.layers)
         for i, layer in enumerate(self.layers):
             x, layer_states[i] = layer(x, layer_states[i])  # (B, T, C_hid_i, h, w)
-        return StackedState(layer_states, self._predict(x[:, -1]))
+        if not every_step:
+            return StackedState(layer_states, self._predict(x[:, -1])), None
+        preds = self._predict(x.flatten(0, 1)).unflatten(0, (b, t))  # (B, T, C, H, W)
+        return StackedState(layer_states, preds[:, -1]), preds
 
     def step(self, frame: Tensor, state: StackedState | None) -> StackedState:
         """Feed one frame (B, C, H, W); the returned state holds the prediction of the next."""
@@ -170,12 +186,13 @@ class EncoderForecaster(nn.Module):
         check_video(context, "context")
         if context.shape[2] != self.config.in_channels:
             raise ShapeError(
-                f"model expects {self.config.in_channels} channels per frame, got {context.shape[2]}"
+                f"model expects {self.config.in_channels} channels per frame, "
+                f"got {context.shape[2]}"
             )
         b, t = context.shape[:2]
         x = patchify(context.flatten(0, 1), self.patch)  # (B*T, Cp, h, w)
         states = [None] * len(self.encoder) if state is None else list(state)
-        for i, (down, rnn) in enumerate(zip(self.down, self.encoder)):
+        for i, (down, rnn) in enumerate(zip(self.down, self.encoder, strict=True)):
             x = down(x).unflatten(0, (b, t))  # (B, T, C_i, h_i, w_i)
             x, states[i] = rnn(x, states[i])
             x = x.flatten(0, 1)  # (B*T, C_i, h_i, w_i)
@@ -196,7 +213,9 @@ class EncoderForecaster(nn.Module):
         if horizon < 1:
             raise ShapeError(f"horizon must be at least 1, got {horizon}")
         if teacher_mask is not None:
-            raise ShapeError("EncoderForecaster is not fed frames while forecasting: no teacher_mask")
+            raise ShapeError(
+                "EncoderForecaster is not fed frames while forecasting: no teacher_mask"
+            )
         states = list(state)
         preds = []
         for _ in range(horizon):

@@ -20,7 +20,7 @@ from convlstm.config import ModelConfig, TrainConfig, build, to_dict
 from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast, evaluate
 from convlstm.losses import get_loss
-from convlstm.models import build_model, count_parameters
+from convlstm.models import MODELS, build_model, count_parameters
 from convlstm.tracking import Tracker
 from convlstm.visualize import save_gif
 
@@ -86,6 +86,24 @@ def teacher_mask(cfg: TrainConfig, step: int, batch: int, device: torch.device) 
     return (torch.rand(batch, cfg.horizon - 1, generator=gen) < p).to(device)
 
 
+def check_compatible(model_config: ModelConfig, cfg: TrainConfig) -> None:
+    """Raise ConfigError for training options the chosen model cannot honour (before any work)."""
+    model_cls = MODELS[model_config.architecture]
+    if cfg.scheduled_sampling != "none" and not model_cls.feeds_back:
+        raise ConfigError(
+            f"scheduled_sampling={cfg.scheduled_sampling} needs a model fed its own predictions "
+            f"(architecture=stacked); {model_config.architecture} is not: "
+            "use scheduled_sampling=none"
+        )
+    if cfg.loss_on_context and not hasattr(model_cls, "encode_with_predictions"):
+        raise ConfigError(
+            f"loss_on_context needs a model that predicts while reading the context "
+            f"(architecture=stacked); {model_config.architecture} does not"
+        )
+    if cfg.loss == "bce" and model_config.output_activation != "sigmoid":
+        raise ConfigError("loss=bce needs output_activation=sigmoid (predictions in [0, 1])")
+
+
 def train(
     model_config: ModelConfig,
     cfg: TrainConfig,
@@ -106,15 +124,9 @@ def train(
     device = resolve_device(cfg.device)
     amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
     loss_fn = get_loss(cfg.loss)
+    check_compatible(model_config, cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(device)
-    if cfg.scheduled_sampling != "none" and not model.feeds_back:
-        raise ConfigError(
-            f"scheduled_sampling={cfg.scheduled_sampling} needs a model fed its own predictions "
-            f"(architecture=stacked); {model_config.architecture} is not: use scheduled_sampling=none"
-        )
-    if cfg.loss == "bce" and model_config.output_activation != "sigmoid":
-        raise ConfigError("loss=bce needs output_activation=sigmoid (predictions in [0, 1])")
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -166,7 +178,9 @@ def train(
         return metrics
 
     frames_needed = cfg.context_frames + cfg.horizon
-    progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=None, file=sys.stderr)
+    progress = tqdm(
+        total=cfg.steps, initial=start_step, desc="train", disable=None, file=sys.stderr
+    )
     quiet_bar = progress.disable  # no terminal: print a line per log interval instead
     model.train()
     window_loss = torch.zeros((), device=device)
@@ -186,8 +200,14 @@ def train(
         mask = teacher_mask(cfg, step, batch.shape[0], device)
 
         with autocast(device, amp_dtype):
-            preds = model(context, cfg.horizon, targets=target, teacher_mask=mask)
-        loss = loss_fn(preds.float(), target)  # outside autocast: losses run in fp32
+            if cfg.loss_on_context:
+                state, seen = model.encode_with_predictions(context)  # seen[:, t] ~ frame t+1
+                preds = model.forecast(state, cfg.horizon, targets=target, teacher_mask=mask)
+                preds = torch.cat([seen[:, :-1], preds], dim=1)  # frames 1 .. Tc+horizon-1
+            else:
+                preds = model(context, cfg.horizon, targets=target, teacher_mask=mask)
+        truth = batch[:, frames_needed - preds.shape[1] : frames_needed]
+        loss = loss_fn(preds.float(), truth)  # outside autocast: losses run in fp32
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -216,8 +236,11 @@ def train(
             }
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats['train/lr']:.2e}")
             if quiet_bar:
-                print(f"step {done}/{cfg.steps} loss {mean_loss:.5f} lr {stats['train/lr']:.2e} "
-                      f"{stats['train/seq_per_s']:.1f} seq/s", flush=True)
+                print(
+                    f"step {done}/{cfg.steps} loss {mean_loss:.5f} lr {stats['train/lr']:.2e} "
+                    f"{stats['train/seq_per_s']:.1f} seq/s",
+                    flush=True,
+                )
             if tracker is not None:
                 tracker.log(stats, step=done)
             window_loss.zero_()
@@ -232,9 +255,13 @@ def train(
 
     metrics = run_eval(cfg.steps)
     ckpt_path = checkpoint(cfg.steps, metrics)
-    gif_path = _forecast_gif(model, eval_sequences, cfg, device, amp_dtype, out_dir / "forecast.gif")
+    gif_path = _forecast_gif(
+        model, eval_sequences, cfg, device, amp_dtype, out_dir / "forecast.gif"
+    )
     if tracker is not None:
-        tracker.log_media("val/forecast", gif_path, step=cfg.steps, caption="context | truth | forecast")
+        tracker.log_media(
+            "val/forecast", gif_path, step=cfg.steps, caption="context | truth | forecast"
+        )
     return {
         "model": model,
         "metrics": metrics,

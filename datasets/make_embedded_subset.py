@@ -26,8 +26,12 @@ NUM_TEST = 1000
 MAX_BYTES = 1_500_000  # keep the repo small
 
 
-def make_subset(mnist_dir: str | os.PathLike, out: str | os.PathLike = EMBEDDED_SUBSET,
-                num_train: int = NUM_TRAIN, num_test: int = NUM_TEST) -> Path:
+def make_subset(
+    mnist_dir: str | os.PathLike,
+    out: str | os.PathLike = EMBEDDED_SUBSET,
+    num_train: int = NUM_TRAIN,
+    num_test: int = NUM_TEST,
+) -> Path:
     """Write the subset from the IDX files in ``mnist_dir``; returns the written path."""
     train, _ = load_mnist("train", root=mnist_dir)
     test, _ = load_mnist("test", root=mnist_dir)
@@ -47,8 +51,9 @@ def make_subset(mnist_dir: str | os.PathLike, out: str | os.PathLike = EMBEDDED_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mnist-dir", required=True,
-                        help="folder with the standard MNIST IDX files (gz or plain)")
+    parser.add_argument(
+        "--mnist-dir", required=True, help="folder with the standard MNIST IDX files (gz or plain)"
+    )
     parser.add_argument("--out", default=str(EMBEDDED_SUBSET), help="output .npz path")
     args = parser.parse_args(argv)
     try:

@@ -179,8 +179,10 @@ def _load_embedded(split: str) -> np.ndarray:
 def _fallback(split: str, reason: str) -> tuple[np.ndarray, str]:
     digits = _load_embedded(split)
     what = f"{len(digits)} {split} digits"
-    print(f"MNIST download unavailable ({reason}); using the embedded subset of {what}",
-          file=sys.stderr)
+    print(
+        f"MNIST download unavailable ({reason}); using the embedded subset of {what}",
+        file=sys.stderr,
+    )
     return digits, f"embedded subset ({what})"
 
 

@@ -71,8 +71,12 @@ class MovingMNISTSpec:
                 f" ({self.digit_size})"
             )
         speed = self.speed
-        if not isinstance(speed, Real) or isinstance(speed, bool) or not math.isfinite(speed) \
-                or speed < 0:
+        if (
+            not isinstance(speed, Real)
+            or isinstance(speed, bool)
+            or not math.isfinite(speed)
+            or speed < 0
+        ):
             raise DataError(f"MovingMNISTSpec.speed must be a finite number >= 0, got {speed!r}")
 
     @property
@@ -83,8 +87,11 @@ class MovingMNISTSpec:
 
 def _check_digits(digits: np.ndarray, spec: MovingMNISTSpec) -> np.ndarray:
     if not isinstance(digits, np.ndarray) or digits.dtype != np.uint8 or digits.ndim != 3:
-        got = (f"{digits.dtype} array of shape {digits.shape}"
-               if isinstance(digits, np.ndarray) else type(digits).__name__)
+        got = (
+            f"{digits.dtype} array of shape {digits.shape}"
+            if isinstance(digits, np.ndarray)
+            else type(digits).__name__
+        )
         raise DataError(f"digits must be a uint8 array (N, H, W), got {got}")
     if digits.shape[1:] != (spec.digit_size, spec.digit_size):
         raise DataError(
@@ -117,7 +124,7 @@ def _motion(u: np.ndarray, spec: MovingMNISTSpec) -> tuple[np.ndarray, np.ndarra
     """Start (..., D, 2) and velocity (..., D, 2) from uniforms (..., 4 * D)."""
     d = spec.num_digits
     start = u[..., : 2 * d].reshape(*u.shape[:-1], d, 2)
-    theta = 2.0 * np.pi * u[..., 2 * d: 3 * d]  # (..., D)
+    theta = 2.0 * np.pi * u[..., 2 * d : 3 * d]  # (..., D)
     # Scalar libm sin/cos: numpy's SIMD kernels may round differently depending on array
     # length, and a sequence must not change with the batch it is generated in.
     sc = [(math.sin(a), math.cos(a)) for a in theta.ravel().tolist()]
@@ -149,14 +156,15 @@ def trajectories(seed: int, index: int, spec: MovingMNISTSpec = MovingMNISTSpec(
     return _bounce(start, velocity, spec.num_frames)
 
 
-def _render_uint8(digits: np.ndarray, seed: int, indices: Sequence[int],
-                  spec: MovingMNISTSpec) -> np.ndarray:
+def _render_uint8(
+    digits: np.ndarray, seed: int, indices: Sequence[int], spec: MovingMNISTSpec
+) -> np.ndarray:
     """Sequences as uint8 (B, T, canvas, canvas)."""
     digits = _check_digits(digits, spec)
     b, t, d, s = len(indices), spec.num_frames, spec.num_digits, spec.digit_size
     u = np.stack([_uniforms(seed, index, d) for index in indices])  # (B, 4D)
     starts, velocities = _motion(u, spec)  # (B, D, 2) each
-    uniforms = u[:, 3 * d:]  # (B, D)
+    uniforms = u[:, 3 * d :]  # (B, D)
     # floor(u * N) with u in [0, 1) is uniform over the N digits (to within 2**-53).
     choices = np.minimum((uniforms * len(digits)).astype(np.intp), len(digits) - 1)  # (B, D)
     # One bounce loop for the whole batch: the arithmetic is elementwise, so each
@@ -179,8 +187,9 @@ def _render_uint8(digits: np.ndarray, seed: int, indices: Sequence[int],
     return out.reshape(b, t, spec.canvas, spec.canvas)
 
 
-def generate_sequence(digits: np.ndarray, seed: int, index: int,
-                      spec: MovingMNISTSpec = MovingMNISTSpec()) -> np.ndarray:
+def generate_sequence(
+    digits: np.ndarray, seed: int, index: int, spec: MovingMNISTSpec = MovingMNISTSpec()
+) -> np.ndarray:
     """Sequence ``index`` of ``seed``: uint8 (T, canvas, canvas), digits drawn from ``digits``.
 
     Deterministic given (seed, index, spec, digits); independent of call order.
@@ -193,8 +202,9 @@ def _to_float(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).to(torch.float32).div_(255.0).unsqueeze(-3)
 
 
-def generate_batch(digits: np.ndarray, seed: int, indices: Sequence[int],
-                   spec: MovingMNISTSpec = MovingMNISTSpec()) -> torch.Tensor:
+def generate_batch(
+    digits: np.ndarray, seed: int, indices: Sequence[int], spec: MovingMNISTSpec = MovingMNISTSpec()
+) -> torch.Tensor:
     """Sequences ``indices`` of ``seed`` as float32 (B, T, 1, H, W) in [0, 1] (uint8 / 255).
 
     Row ``i`` equals ``generate_sequence(digits, seed, indices[i], spec) / 255``.
@@ -212,8 +222,9 @@ class MovingMNIST(torch.utils.data.Dataset):
     same data; pass a different seed per epoch for fresh sequences.
     """
 
-    def __init__(self, digits: np.ndarray, length: int, seed: int,
-                 spec: MovingMNISTSpec = MovingMNISTSpec()) -> None:
+    def __init__(
+        self, digits: np.ndarray, length: int, seed: int, spec: MovingMNISTSpec = MovingMNISTSpec()
+    ) -> None:
         if not _is_int(length) or length <= 0:
             raise DataError(f"MovingMNIST length must be a positive int, got {length!r}")
         _check_key(seed, 0)
@@ -238,13 +249,16 @@ class MovingMNIST(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
         # DataLoader calls this with a whole batch of indices: render them in one go.
-        batch = generate_batch(self.digits, self.seed, [self._index(i) for i in indices],
-                               self.spec)
+        batch = generate_batch(self.digits, self.seed, [self._index(i) for i in indices], self.spec)
         return list(batch.unbind(0))
 
 
-def fixed_test_set(digits: np.ndarray, num_sequences: int, seed: int = FIXED_TEST_SEED,
-                   spec: MovingMNISTSpec = MovingMNISTSpec()) -> torch.Tensor:
+def fixed_test_set(
+    digits: np.ndarray,
+    num_sequences: int,
+    seed: int = FIXED_TEST_SEED,
+    spec: MovingMNISTSpec = MovingMNISTSpec(),
+) -> torch.Tensor:
     """The seeded test set used when ``mnist_test_seq.npy`` is absent: (N, T, 1, H, W).
 
     Pass test-split digits, so no test digit was seen in training. Sequence i is

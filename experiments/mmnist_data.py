@@ -40,7 +40,9 @@ def test_sequences(data: DataConfig, frames: int) -> tuple[torch.Tensor, str]:
         sequences = load_standard_test_set(Path(data.test_file))[: data.test_sequences]
         return sequences, f"standard file {data.test_file} (first {len(sequences)} sequences)"
     digits, source = load_mnist("test", data.mnist_dir)
-    sequences = fixed_test_set(digits, data.test_sequences, seed=data.test_seed, spec=data.spec(frames))
+    sequences = fixed_test_set(
+        digits, data.test_sequences, seed=data.test_seed, spec=data.spec(frames)
+    )
     return sequences, (
         f"generated: {len(sequences)} sequences, seed {data.test_seed}, {data.num_digits} digits "
         f"from the MNIST test split ({source})"

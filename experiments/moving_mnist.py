@@ -9,23 +9,20 @@ Writes to --out: checkpoint.pt, metrics.json, forecast.gif, log.jsonl and a W&B 
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from convlstm import baselines
 from convlstm.checkpoint import load_checkpoint
 from convlstm.cli import ArgumentParser, add_config_flags, given, run_main
 from convlstm.config import PRESETS, ModelConfig, TrainConfig, build, from_name, to_dict
 from convlstm.errors import ConfigError
-from convlstm.evaluation import evaluate
 from convlstm.tracking import Tracker
-from convlstm.training import train
+from convlstm.training import check_compatible, train
 from experiments.mmnist_data import DataConfig, test_sequences, training_batches
+from experiments.report import evaluate_baselines, print_table, write_json
 
 # Training recipes per preset: overrides of TrainConfig's defaults (flags override these).
 RECIPES: dict[str, dict] = {
@@ -45,7 +42,9 @@ RECIPES: dict[str, dict] = {
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="mmnist-cpu-small")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/<preset>-<time>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="run folder (default runs/<preset>-<time>)"
+    )
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
     parser.add_argument("--name", default=None, help="W&B run name")
     add_config_flags(parser, ModelConfig, "model (overrides the preset)")
@@ -61,7 +60,9 @@ def main(argv=None) -> dict:
         payload = load_checkpoint(args.resume)
         model_cfg = build(ModelConfig, {**payload["model_config"], **given(args, ModelConfig)})
         train_cfg = build(TrainConfig, {**payload["train_config"], **given(args, TrainConfig)})
-        data_cfg = build(DataConfig, {**payload["extra"].get("data", {}), **given(args, DataConfig)})
+        data_cfg = build(
+            DataConfig, {**payload["extra"].get("data", {}), **given(args, DataConfig)}
+        )
         preset = payload["extra"].get("preset", args.preset)
     else:
         preset = args.preset
@@ -70,11 +71,14 @@ def main(argv=None) -> dict:
         data_cfg = build(DataConfig, given(args, DataConfig))
     out = args.out or Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume is None and (out / "checkpoint.pt").exists():
-        raise ConfigError(f"{out} already holds a run; pass --resume {out}/checkpoint.pt or another --out")
+        raise ConfigError(
+            f"{out} already holds a run; pass --resume {out}/checkpoint.pt or another --out"
+        )
 
+    check_compatible(model_cfg, train_cfg)
     frames = train_cfg.context_frames + train_cfg.horizon
     test_set, test_desc = test_sequences(data_cfg, frames)
-    batches, train_digits, train_source = training_batches(
+    batches, _, train_source = training_batches(
         data_cfg, frames, train_cfg.batch_size, train_cfg.seed
     )
     print(f"preset {preset}; training digits: {train_source}; test set: {test_desc}")
@@ -100,21 +104,13 @@ def main(argv=None) -> dict:
         )
         # The mean pixel value of training sequences, for the constant-frame baseline.
         mean_value = float(batches(10**6).mean())  # a batch far from the ones trained on
-        predictors = {
-            "persistence": baselines.persistence,
-            "blank": baselines.blank,
-            "mean frame": lambda ctx, h: baselines.constant(ctx, h, mean_value),
-        }
-        base = {
-            name: evaluate(
-                fn,
-                test_set,
-                context_frames=train_cfg.context_frames,
-                horizon=train_cfg.horizon,
-                batch_size=train_cfg.eval_batch_size,
-            )
-            for name, fn in predictors.items()
-        }
+        base = evaluate_baselines(
+            test_set,
+            context_frames=train_cfg.context_frames,
+            horizon=train_cfg.horizon,
+            mean_value=mean_value,
+            batch_size=train_cfg.eval_batch_size,
+        )
         report = {
             "preset": preset,
             "test_set": test_desc,
@@ -149,24 +145,15 @@ def main(argv=None) -> dict:
     return report
 
 
-def write_json(path: Path, data: dict) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-    return path
-
-
 def print_report(report: dict, metrics_path: Path) -> None:
     train = report["train"]
     print(
         f"\ntrained {train['steps']} steps in {train['seconds']:.0f} s on {train['device']} "
-        f"({train['precision']}, {train['seq_per_s']:.1f} seq/s, {train['parameters']:,} parameters)"
+        f"({train['precision']}, {train['seq_per_s']:.1f} seq/s, "
+        f"{train['parameters']:,} parameters)"
     )
     print(f"test set: {report['test_set']}")
-    print(f"{'':<14}{'MSE/frame':>10}{'MAE/frame':>11}{'SSIM':>8}{'PSNR':>8}")
-    rows = {"model": report["model"], **report["baselines"]}
-    for name, m in rows.items():
-        print(f"{name:<14}{m['mse_frame']:>10.2f}{m['mae_frame']:>11.2f}{m['ssim']:>8.4f}{m['psnr']:>8.2f}")
+    print_table({"model": report["model"], **report["baselines"]})
     print(f"\nmetrics:    {metrics_path}")
     for name, path in report["files"].items():
         print(f"{name + ':':<12}{path}")

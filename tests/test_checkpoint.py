@@ -19,7 +19,9 @@ def test_round_trip_rebuilds_an_identical_model(tmp_path):
     model, cfg, path = _saved(tmp_path)
     rebuilt, rebuilt_cfg = model_from_checkpoint(path)
     assert rebuilt_cfg == cfg
-    for (name, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), rebuilt.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     x = torch.rand(2, 3, 1, 16, 16)
     torch.testing.assert_close(model.eval()(x, 2), rebuilt(x, 2), rtol=0, atol=0)

@@ -309,8 +309,14 @@ def bright_pixels(frames: np.ndarray):
 
 def test_spec_validation():
     assert MovingMNISTSpec().free_range == 36
-    for bad in (dict(num_digits=0), dict(num_frames=2.0), dict(canvas=20), dict(speed=-0.1),
-                dict(digit_size=True), dict(speed=float("nan"))):
+    for bad in (
+        dict(num_digits=0),
+        dict(num_frames=2.0),
+        dict(canvas=20),
+        dict(speed=-0.1),
+        dict(digit_size=True),
+        dict(speed=float("nan")),
+    ):
         with pytest.raises(DataError):
             MovingMNISTSpec(**bad)
     with pytest.raises(DataError, match="digit_size"):
@@ -466,8 +472,10 @@ def test_standard_test_set_errors(tmp_path):
         np.savez(f, a=np.zeros(3))
     with pytest.raises(DataError, match=".npy"):
         load_standard_test_set(archive)
-    for name, arr in (("ndim.npy", np.zeros((20, 3, 64), np.uint8)),
-                      ("dtype.npy", np.zeros((20, 3, 64, 64), np.float32))):
+    for name, arr in (
+        ("ndim.npy", np.zeros((20, 3, 64), np.uint8)),
+        ("dtype.npy", np.zeros((20, 3, 64, 64), np.float32)),
+    ):
         np.save(tmp_path / name, arr)
         with pytest.raises(DataError, match="expected uint8"):
             load_standard_test_set(tmp_path / name)

@@ -21,7 +21,9 @@ def _np(t):
 
 def test_stacked_forecaster_matches_float64_reference():
     torch.manual_seed(0)
-    cfg = ModelConfig(hidden_channels=(3, 2), kernel_size=3, patch_size=2, output_activation="sigmoid")
+    cfg = ModelConfig(
+        hidden_channels=(3, 2), kernel_size=3, patch_size=2, output_activation="sigmoid"
+    )
     model = StackedForecaster(cfg).double()
     for p in model.parameters():  # move away from the default init so every weight matters
         p.data.normal_(0, 0.5)
@@ -90,7 +92,9 @@ def test_every_parameter_gets_a_gradient(name):
     preds = model(context, 3)
     assert preds.shape == target.shape and torch.isfinite(preds).all()
     ((preds - target) ** 2).mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert not missing, f"no gradient reaches {missing}"
 
 

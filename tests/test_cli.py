@@ -1,0 +1,74 @@
+"""Bad input ends in one clear line on stderr, exit status 2, and nothing written to disk."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convlstm.checkpoint import save_checkpoint
+from convlstm.config import from_name
+from convlstm.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+        (["--steps", "many"], "--steps: invalid int value"),
+        (["--kernel-size", "4"], "kernel_size must be odd"),
+        (["--preset", "mmnist-huge"], "invalid choice: 'mmnist-huge'"),
+        (["--mnist-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
+        (["--test-file", "/nonexistent/mnist_test_seq.npy"], "mnist_test_seq.npy"),
+        (
+            ["--preset", "mmnist-encoder-forecaster", "--scheduled-sampling", "linear"],
+            "scheduled_sampling",
+        ),
+    ],
+)
+def test_main_job_rejects_bad_input_without_writing(tmp_path, args, fragment):
+    out = tmp_path / "run"
+    proc = run("experiments.moving_mnist", *args, "--out", str(out), "--steps", "1")
+    assert_one_line_error(proc, fragment)
+    assert not out.exists()
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"precious")
+    proc = run("experiments.moving_mnist", "--out", str(out))
+    assert_one_line_error(proc, "already holds a run")
+    assert (out / "checkpoint.pt").read_bytes() == b"precious"
+
+
+def test_evaluate_rejects_truncated_and_missing_checkpoints(tmp_path):
+    cfg = from_name("mmnist-cpu-small", hidden_channels=(4,), kernel_size=3)
+    path = save_checkpoint(tmp_path / "c.pt", model=build_model(cfg), model_config=cfg, step=1)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    out = tmp_path / "eval.json"
+    assert_one_line_error(
+        run("experiments.evaluate", "--checkpoint", str(path), "--out", str(out)),
+        "truncated or corrupt",
+    )
+    assert_one_line_error(
+        run("experiments.evaluate", "--checkpoint", str(tmp_path / "none.pt")),
+        "checkpoint not found",
+    )
+    assert not out.exists()

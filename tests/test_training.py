@@ -1,0 +1,193 @@
+import json
+
+import pytest
+import torch
+
+from convlstm.checkpoint import load_checkpoint
+from convlstm.config import ModelConfig, TrainConfig, build, from_name
+from convlstm.errors import ConfigError
+from convlstm.training import check_compatible, teacher_mask, teacher_probability, train
+from experiments import moving_mnist
+
+TINY = ["--hidden-channels", "8", "8", "--kernel-size", "3", "--batch-size", "4"]
+
+
+def moving_squares(step: int, batch: int = 4, frames: int = 8, size: int = 16) -> torch.Tensor:
+    """A tiny deterministic data stream: one bright square per sequence moving right."""
+    gen = torch.Generator().manual_seed(step)
+    out = torch.zeros(batch, frames, 1, size, size)
+    rows = torch.randint(0, size - 4, (batch,), generator=gen)
+    for b in range(batch):
+        for t in range(frames):
+            col = t % (size - 4)
+            out[b, t, 0, rows[b] : rows[b] + 4, col : col + 4] = 1.0
+    return out
+
+
+def test_main_job_lowers_the_loss_and_writes_every_output(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    argv = [
+        *TINY,
+        "--steps",
+        "30",
+        "--log-every",
+        "10",
+        "--lr",
+        "3e-3",
+        "--ss-decay-steps",
+        "20",
+        "--loss-on-context",
+        "--test-sequences",
+        "8",
+        "--wandb",
+        "offline",
+        "--out",
+        str(out),
+    ]
+    if mnist_dir:
+        argv += ["--mnist-dir", mnist_dir]
+    report = moving_mnist.main(argv)
+
+    losses = [loss for _, loss in report["train"]["losses"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["model"]["mse_frame"] == pytest.approx(report["model"]["mse_frame"])
+    assert set(saved["baselines"]) == {"persistence", "blank", "mean frame"}
+    assert len(saved["model"]["per_lead"]["mse_frame"]) == 10
+    assert "generated: 8 sequences" in saved["test_set"]
+    assert (out / "forecast.gif").stat().st_size > 0
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 30
+
+    # the JSONL log and the offline W&B run both hold the logged metrics
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "train/loss" in r] == [10, 20, 30]
+    assert any("val/mse_frame" in r for r in lines)
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    blob = runs[0].read_bytes()
+    for name in (b"train/loss", b"val/mse_frame", b"val_lead/mse_frame_t10", b"val/forecast"):
+        assert name in blob, name
+
+
+def test_evaluate_rebuilds_the_model_from_the_checkpoint_alone(tmp_path, mnist_dir):
+    from experiments import evaluate
+
+    out = tmp_path / "run"
+    data = ["--mnist-dir", mnist_dir] if mnist_dir else []
+    trained = moving_mnist.main(
+        [
+            *TINY,
+            "--steps",
+            "2",
+            "--test-sequences",
+            "8",
+            "--wandb",
+            "disabled",
+            "--out",
+            str(out),
+            *data,
+        ]
+    )
+    report = evaluate.main(
+        ["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "e.json")]
+    )
+    assert report["model"]["mse_frame"] == pytest.approx(trained["model"]["mse_frame"], rel=1e-5)
+    assert json.loads((tmp_path / "e.json").read_text())["step"] == 2
+
+
+def _train(tmp_path, name, batches=moving_squares, resume=None, **overrides):
+    model_cfg = ModelConfig(hidden_channels=(6,), kernel_size=3, patch_size=2)
+    values = dict(
+        steps=6,
+        batch_size=4,
+        context_frames=4,
+        horizon=4,
+        lr=3e-3,
+        ss_decay_steps=4,
+        log_every=1,
+        eval_batch_size=4,
+        checkpoint_every=3,
+        wandb="disabled",
+    )
+    cfg = build(TrainConfig, {**values, **overrides})
+    return train(
+        model_cfg,
+        cfg,
+        train_batches=batches,
+        eval_sequences=moving_squares(999),
+        out_dir=tmp_path / name,
+        resume=resume,
+    )
+
+
+def test_resume_after_a_crash_continues_exactly(tmp_path):
+    straight = _train(tmp_path, "straight")
+
+    def crash_at_step_4(step):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return moving_squares(step)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(tmp_path, "crashed", batches=crash_at_step_4)
+    ckpt = tmp_path / "crashed" / "checkpoint.pt"
+    assert load_checkpoint(ckpt)["step"] == 3  # the periodic checkpoint survived the crash
+    resumed = _train(tmp_path, "resumed", resume=ckpt)
+
+    assert [s for s, _ in resumed["losses"]] == [4, 5, 6]
+    assert resumed["losses"] == straight["losses"][3:]
+    for (name, a), (_, b) in zip(
+        straight["model"].state_dict().items(), resumed["model"].state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path):
+    _train(tmp_path, "run", steps=3)
+    with pytest.raises(ConfigError, match="another model config"):
+        train(
+            ModelConfig(hidden_channels=(7,), kernel_size=3, patch_size=2),
+            build(
+                TrainConfig,
+                dict(steps=6, batch_size=4, context_frames=4, horizon=4, wandb="disabled"),
+            ),
+            train_batches=moving_squares,
+            eval_sequences=moving_squares(999),
+            out_dir=tmp_path / "other",
+            resume=tmp_path / "run" / "checkpoint.pt",
+        )
+
+
+def test_scheduled_sampling_follows_the_linear_schedule():
+    cfg = TrainConfig(ss_start=1.0, ss_decay_steps=100, horizon=10)
+    assert [teacher_probability(cfg, s) for s in (0, 50, 100, 150)] == [1.0, 0.5, 0.0, 0.0]
+    masks = [teacher_mask(cfg, 50, 4000, torch.device("cpu")) for _ in range(2)]
+    assert masks[0].shape == (4000, 9) and torch.equal(masks[0], masks[1])  # seeded per step
+    assert abs(masks[0].float().mean().item() - 0.5) < 0.02
+    assert teacher_mask(cfg, 100, 4, torch.device("cpu")) is None
+    off = TrainConfig(scheduled_sampling="none")
+    assert teacher_probability(off, 0) == 0.0
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(scheduled_sampling="linear"), "scheduled_sampling=linear needs"),
+        (dict(scheduled_sampling="none", loss_on_context=True), "loss_on_context needs"),
+    ],
+)
+def test_options_the_encoder_forecaster_cannot_honour_are_refused(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        check_compatible(from_name("mmnist-encoder-forecaster"), TrainConfig(**overrides))
+
+
+def test_bce_needs_sigmoid_outputs():
+    with pytest.raises(ConfigError, match="sigmoid"):
+        check_compatible(from_name("mmnist-cpu-small"), TrainConfig(loss="bce"))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_on_cpu_trains_finite(tmp_path, precision):
+    result = _train(tmp_path, precision, precision=precision, checkpoint_every=0)
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result["losses"])
+    assert result["precision"] == {"fp16": "float16", "bf16": "bfloat16"}[precision]
