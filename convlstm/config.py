@@ -125,8 +125,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mmnist-convlstm-l": dict(hidden_channels=(192, 192, 192, 192), kernel_size=5, patch_size=4),
     # Shi et al. 2015's Moving MNIST network: 128-64-64, 5x5 kernels, 4x4 patches.
     "mmnist-shi2015": dict(hidden_channels=(128, 64, 64), kernel_size=5, patch_size=4),
-    # Small enough to learn motion in a few CPU minutes (the README's quick start).
-    "mmnist-cpu-small": dict(hidden_channels=(64, 64), kernel_size=3, patch_size=4),
+    # Small enough to learn motion in a few CPU minutes (the README's quick start): 8x8 patches
+    # make an 8x8 grid, 4x cheaper per channel than OpenSTL's 16x16; on 2 CPU cores this beat
+    # 2x32 channels on 4x4 patches at equal time (MSE/frame 116 vs 134 after ~6 minutes).
+    "mmnist-cpu-small": dict(hidden_channels=(64, 64), kernel_size=3, patch_size=8),
     # Shi et al. 2017's encoder-forecaster layout, scaled to 64x64 frames.
     "mmnist-encoder-forecaster": dict(
         architecture="encoder_forecaster",

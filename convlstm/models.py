@@ -24,12 +24,50 @@ def _activation(name: str) -> nn.Module:
     return nn.Sigmoid() if name == "sigmoid" else nn.Identity()
 
 
+class Forecaster(nn.Module):
+    """The interface both model shapes share: encode, forecast, step, and the two in one call."""
+
+    feeds_back = False  # whether forecast() can be fed true frames (teacher forcing)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.patch = config.patch_size
+
+    def encode(self, context: Tensor, state=None):
+        raise NotImplementedError
+
+    def forecast(self, state, horizon: int, targets=None, teacher_mask=None) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, frame: Tensor, state):
+        """Feed one frame (B, C, H, W); the same as encode() of a one-frame sequence."""
+        return self.encode(frame.unsqueeze(1), state)
+
+    def forward(
+        self,
+        context: Tensor,
+        horizon: int,
+        targets: Tensor | None = None,
+        teacher_mask: Tensor | None = None,
+    ) -> Tensor:
+        return self.forecast(self.encode(context), horizon, targets, teacher_mask)
+
+    def _check_context(self, context: Tensor) -> None:
+        check_video(context, "context")
+        if context.shape[2] != self.config.in_channels:
+            raise ShapeError(
+                f"model expects {self.config.in_channels} channels per frame, "
+                f"got {context.shape[2]}"
+            )
+
+
 class StackedState(NamedTuple):
     layers: list  # one cell state per layer, bottom first
     prediction: Tensor  # the model's prediction of the next frame, (B, C, H, W)
 
 
-class StackedForecaster(nn.Module):
+class StackedForecaster(Forecaster):
     """A stack of cells that predicts the next frame at every step (OpenSTL's ConvLSTM layout).
 
     Frames are cut into patch x patch blocks (64x64x1 -> 16x16x16 for patch 4); layer l sees layer
@@ -41,9 +79,7 @@ class StackedForecaster(nn.Module):
     feeds_back = True  # forecast() can be fed true frames instead of its own predictions
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.patch = config.patch_size
+        super().__init__(config)
         grid_channels = config.in_channels * config.patch_size**2
         layers = []
         for i, hidden in enumerate(config.hidden_channels):
@@ -76,12 +112,7 @@ class StackedForecaster(nn.Module):
     def _encode(
         self, context: Tensor, state: StackedState | None, every_step: bool
     ) -> tuple[StackedState, Tensor | None]:
-        check_video(context, "context")
-        if context.shape[2] != self.config.in_channels:
-            raise ShapeError(
-                f"model expects {self.config.in_channels} channels per frame, "
-                f"got {context.shape[2]}"
-            )
+        self._check_context(context)
         b, t = context.shape[:2]
         x = patchify(context.flatten(0, 1), self.patch).unflatten(0, (b, t))  # (B, T, Cp, h, w)
         layer_states = [None] * len(self.layers) if state is None else list(state.layers)
@@ -91,10 +122,6 @@ class StackedForecaster(nn.Module):
             return StackedState(layer_states, self._predict(x[:, -1])), None
         preds = self._predict(x.flatten(0, 1)).unflatten(0, (b, t))  # (B, T, C, H, W)
         return StackedState(layer_states, preds[:, -1]), preds
-
-    def step(self, frame: Tensor, state: StackedState | None) -> StackedState:
-        """Feed one frame (B, C, H, W); the returned state holds the prediction of the next."""
-        return self.encode(frame.unsqueeze(1), state)
 
     def forecast(
         self,
@@ -122,17 +149,8 @@ class StackedForecaster(nn.Module):
             preds.append(state.prediction)
         return torch.stack(preds, dim=1)  # (B, horizon, C, H, W)
 
-    def forward(
-        self,
-        context: Tensor,
-        horizon: int,
-        targets: Tensor | None = None,
-        teacher_mask: Tensor | None = None,
-    ) -> Tensor:
-        return self.forecast(self.encode(context), horizon, targets, teacher_mask)
 
-
-class EncoderForecaster(nn.Module):
+class EncoderForecaster(Forecaster):
     """Shi et al. (2015, 2017): an encoder of RNN layers behind strided convolutions reads the
     context; a forecaster of RNN layers mirrors it (top first, transposed convolutions going up
     in resolution) and starts from the encoder's final states. The forecaster takes no frames
@@ -142,9 +160,7 @@ class EncoderForecaster(nn.Module):
     feeds_back = False  # the forecaster is not fed frames: scheduled sampling does not apply
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.patch = config.patch_size
+        super().__init__(config)
         hidden = config.hidden_channels
         strides = config.stage_strides
         grid_channels = config.in_channels * config.patch_size**2
@@ -183,12 +199,7 @@ class EncoderForecaster(nn.Module):
 
     def encode(self, context: Tensor, state: list | None = None) -> list:
         """Read context frames (B, T, C, H, W); returns one state per layer, bottom first."""
-        check_video(context, "context")
-        if context.shape[2] != self.config.in_channels:
-            raise ShapeError(
-                f"model expects {self.config.in_channels} channels per frame, "
-                f"got {context.shape[2]}"
-            )
+        self._check_context(context)
         b, t = context.shape[:2]
         x = patchify(context.flatten(0, 1), self.patch)  # (B*T, Cp, h, w)
         states = [None] * len(self.encoder) if state is None else list(state)
@@ -197,10 +208,6 @@ class EncoderForecaster(nn.Module):
             x, states[i] = rnn(x, states[i])
             x = x.flatten(0, 1)  # (B*T, C_i, h_i, w_i)
         return states
-
-    def step(self, frame: Tensor, state: list | None) -> list:
-        """Feed one frame (B, C, H, W) to the encoder."""
-        return self.encode(frame.unsqueeze(1), state)
 
     def forecast(
         self,
@@ -226,23 +233,14 @@ class EncoderForecaster(nn.Module):
             preds.append(unpatchify(self.out_act(self.head(x)), self.patch))
         return torch.stack(preds, dim=1)  # (B, horizon, C, H, W)
 
-    def forward(
-        self,
-        context: Tensor,
-        horizon: int,
-        targets: Tensor | None = None,
-        teacher_mask: Tensor | None = None,
-    ) -> Tensor:
-        return self.forecast(self.encode(context), horizon, targets, teacher_mask)
 
-
-MODELS: dict[str, type[nn.Module]] = {
+MODELS: dict[str, type[Forecaster]] = {
     "stacked": StackedForecaster,
     "encoder_forecaster": EncoderForecaster,
 }
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig) -> Forecaster:
     """The model that `config` describes, freshly initialised."""
     return MODELS[config.architecture](config)
 

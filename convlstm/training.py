@@ -186,7 +186,8 @@ def train(
     window_loss = torch.zeros((), device=device)
     window_start, window_steps = time.perf_counter(), 0
     train_start = time.perf_counter()
-    losses: list[tuple[int, float]] = []
+    losses: list[tuple[int, float]] = []  # (step, mean loss over the log window)
+    throughput: list[tuple[int, float]] = []  # (step, training sequences/s over the window)
     metrics: dict[str, Any] = {}
     for step in range(start_step, cfg.steps):
         batch = train_batches(step)  # (B, T, C, H, W)
@@ -228,11 +229,12 @@ def train(
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training loss became {mean_loss} at step {done}")
             losses.append((done, mean_loss))
+            throughput.append((done, window_steps * cfg.batch_size / elapsed))
             stats = {
                 "train/loss": mean_loss,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/teacher_prob": teacher_probability(cfg, step),
-                "train/seq_per_s": window_steps * cfg.batch_size / elapsed,
+                "train/seq_per_s": throughput[-1][1],
             }
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats['train/lr']:.2e}")
             if quiet_bar:
@@ -245,10 +247,12 @@ def train(
                 tracker.log(stats, step=done)
             window_loss.zero_()
             window_start, window_steps = time.perf_counter(), 0
+        paused = time.perf_counter()  # evaluation and saving are not counted as training speed
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             metrics = run_eval(done)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
             checkpoint(done, metrics)
+        window_start += time.perf_counter() - paused
     progress.close()
     train_seconds = time.perf_counter() - train_start
     steps_run = cfg.steps - start_step
@@ -266,6 +270,7 @@ def train(
         "model": model,
         "metrics": metrics,
         "losses": losses,
+        "throughput": throughput,
         "checkpoint": ckpt_path,
         "gif": gif_path,
         "device": str(device),

@@ -48,6 +48,17 @@ def test_main_job_rejects_bad_input_without_writing(tmp_path, args, fragment):
     assert not out.exists()
 
 
+def test_a_test_file_of_the_wrong_rank_is_refused(tmp_path):
+    import numpy as np
+
+    bad = tmp_path / "mnist_test_seq.npy"
+    np.save(bad, np.zeros((20, 64, 64), dtype=np.uint8))  # no sequence axis
+    out = tmp_path / "run"
+    proc = run("experiments.moving_mnist", "--test-file", str(bad), "--out", str(out))
+    assert_one_line_error(proc, "mnist_test_seq.npy")
+    assert not out.exists()
+
+
 def test_a_finished_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
