@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     print(
         f"{args.preset} batch {args.batch_size} on {report['device_name']} "
         f"({report['precision']}): "
-        f"{rate:.1f} training sequences/s"
+        f"{rate:.3g} training sequences/s"
         + (f", peak memory {peak:.2f} GiB" if peak is not None else "")
     )
     return report
