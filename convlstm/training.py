@@ -52,10 +52,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int = 0):
+    """The learning-rate schedule over cfg.steps, placed at `start_step` (resuming a run
+    whose length changed; the optimizer must then hold the schedule's initial_lr)."""
+    last = start_step - 1  # torch's "last_epoch": -1 means a fresh schedule
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.pct_start
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=cfg.steps,
+            pct_start=cfg.pct_start,
+            last_epoch=last,
         )
     warmup = cfg.warmup_steps
 
@@ -67,7 +74,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
         progress = (step - warmup) / max(1, cfg.steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=last)
 
 
 def teacher_probability(cfg: TrainConfig, step: int) -> float:
@@ -136,12 +143,20 @@ def train(
         payload = load_checkpoint(resume, map_location=device)
         if build(ModelConfig, payload["model_config"]) != model_config:
             raise ConfigError(f"{resume} was trained with another model config; cannot resume")
+        start_step = payload["step"]
+        if start_step >= cfg.steps:
+            raise ConfigError(
+                f"{resume} is already at step {start_step}; pass steps larger than that to go on"
+            )
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
+        before = payload["train_config"] or {}
+        if (before.get("steps"), before.get("schedule")) == (cfg.steps, cfg.schedule):
+            scheduler.load_state_dict(payload["scheduler"])
+        else:  # a longer (or shorter) run: follow the new schedule from the step reached
+            scheduler = make_scheduler(optimizer, cfg, start_step)
         scaler.load_state_dict(payload["scaler"])
         set_rng_states(payload["rng"])
-        start_step = payload["step"]
 
     def checkpoint(step: int, metrics: dict[str, Any] | None = None) -> Path:
         return save_checkpoint(
@@ -217,6 +232,7 @@ def train(
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used (a float: no sync)
         scheduler.step()
 
         window_loss += loss.detach()  # stays on the device: no host sync per step
@@ -232,7 +248,7 @@ def train(
             throughput.append((done, window_steps * cfg.batch_size / elapsed))
             stats = {
                 "train/loss": mean_loss,
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": lr,
                 "train/teacher_prob": teacher_probability(cfg, step),
                 "train/seq_per_s": throughput[-1][1],
             }

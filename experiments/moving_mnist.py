@@ -74,6 +74,11 @@ def main(argv=None) -> dict:
             DataConfig, {**payload["extra"].get("data", {}), **given(args, DataConfig)}
         )
         preset = payload["extra"].get("preset", args.preset)
+        if payload["step"] >= train_cfg.steps:
+            raise ConfigError(
+                f"{args.resume} is already at step {payload['step']}; "
+                f"pass --steps larger than that to go on"
+            )
     else:
         preset = args.preset
         model_cfg = from_name(preset, **given(args, ModelConfig))

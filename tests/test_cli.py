@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from convlstm.checkpoint import save_checkpoint
-from convlstm.config import from_name
+from convlstm.config import TrainConfig, build, from_name
 from convlstm.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,22 @@ def test_a_test_file_of_the_wrong_rank_is_refused(tmp_path):
     proc = run("experiments.moving_mnist", "--test-file", str(bad), "--out", str(out))
     assert_one_line_error(proc, "mnist_test_seq.npy")
     assert not out.exists()
+
+
+def test_resuming_a_run_that_is_already_done_is_refused_before_any_work(tmp_path):
+    cfg = from_name("mmnist-cpu-small", hidden_channels=(4,), kernel_size=3)
+    run_dir = tmp_path / "run"
+    ckpt = save_checkpoint(
+        run_dir / "checkpoint.pt",
+        model=build_model(cfg),
+        model_config=cfg,
+        step=5,
+        train_config=build(TrainConfig, {"steps": 5}),
+        extra={"preset": "mmnist-cpu-small"},
+    )
+    proc = run("experiments.moving_mnist", "--resume", str(ckpt), "--out", str(run_dir))
+    assert_one_line_error(proc, "already at step 5")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt"]
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path):

@@ -142,6 +142,18 @@ def test_resume_after_a_crash_continues_exactly(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_resume_can_extend_a_finished_run(tmp_path):
+    _train(tmp_path, "short", steps=4, checkpoint_every=0)
+    ckpt = tmp_path / "short" / "checkpoint.pt"
+    longer = _train(tmp_path, "longer", steps=8, checkpoint_every=0, resume=ckpt)
+    assert [s for s, _ in longer["losses"]] == [5, 6, 7, 8]
+    final = load_checkpoint(tmp_path / "longer" / "checkpoint.pt")
+    assert final["step"] == 8
+    assert final["scheduler"]["total_steps"] == 8  # OneCycle re-planned over the new length
+    with pytest.raises(ConfigError, match="already at step 8"):
+        _train(tmp_path, "again", steps=8, resume=tmp_path / "longer" / "checkpoint.pt")
+
+
 def test_resume_with_another_model_config_is_refused(tmp_path):
     _train(tmp_path, "run", steps=3)
     with pytest.raises(ConfigError, match="another model config"):
