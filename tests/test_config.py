@@ -12,8 +12,8 @@ def test_presets_build_and_overrides_apply():
 
 
 def test_convlstm_s_parameter_count():
-    # 4 fused-gate convolutions (5x5) + a 1x1 head; OpenSTL's count (15.0M) adds per-position
-    # LayerNorm affine weights that this cell does not have.
+    # 4 fused-gate convolutions (5x5) + a 1x1 head; OpenSTL reports 15.0M, most likely with
+    # its optional per-position LayerNorm, which this cell does not have.
     assert count_parameters(build_model(from_name("mmnist-convlstm-s"))) == 11_677_712
 
 
