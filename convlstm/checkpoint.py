@@ -20,6 +20,7 @@ from torch import nn
 
 from convlstm.config import ModelConfig, build, to_dict
 from convlstm.errors import CheckpointError
+from convlstm.models import build_model
 
 FORMAT = "convlstm-checkpoint/1"
 
@@ -122,8 +123,6 @@ def model_from_checkpoint(
     path_or_payload: str | os.PathLike | dict[str, Any], map_location: Any = "cpu"
 ) -> tuple[nn.Module, ModelConfig]:
     """Rebuild the model from the checkpoint alone, weights loaded, in eval mode."""
-    from convlstm.models import build_model  # models import config; avoid a cycle at import
-
     payload = (
         path_or_payload
         if isinstance(path_or_payload, dict)

@@ -225,11 +225,6 @@ def _coerce(value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported annotation {annotation}")
 
 
-def field_type(cls: type, name: str) -> Any:
-    """The resolved annotation of one field (the CLI uses it to parse flags)."""
-    return typing.get_type_hints(cls)[name]
-
-
 __all__ = [
     "ModelConfig",
     "TrainConfig",
@@ -237,5 +232,4 @@ __all__ = [
     "from_name",
     "build",
     "to_dict",
-    "field_type",
 ]
