@@ -9,6 +9,7 @@ them, and command-line flags override presets. Unknown keys and values of the wr
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -21,20 +22,40 @@ T = TypeVar("T")
 
 @dataclass
 class ModelConfig:
-    """What network to build. Every field is used by `convlstm.models.build_model`."""
+    """What network to build. Every field is used by `convlstm.models.build_model`; a field that
+    does not apply to the chosen architecture or cell must stay at its default (else an error)."""
 
     # "stacked": a stack of cells that emits the next frame at every step (OpenSTL ConvLSTM-S/L);
-    # "encoder_forecaster": Shi et al.'s strided encoder and mirrored forecaster.
-    architecture: Literal["stacked", "encoder_forecaster"] = "stacked"
-    cell: Literal["convlstm"] = "convlstm"  # the recurrent cell of every layer
+    # "encoder_forecaster": Shi et al.'s strided encoder and mirrored forecaster;
+    # "fc_lstm": Srivastava et al. 2015's fully connected LSTM over flattened frames (baseline).
+    architecture: Literal["stacked", "encoder_forecaster", "fc_lstm"] = "stacked"
+    # The recurrent cell of every layer (convolutional architectures): see convlstm.cells.
+    cell: Literal[
+        "convlstm", "peephole_convlstm", "convgru", "trajgru", "sa_convlstm", "convrnn"
+    ] = "convlstm"
     in_channels: int = 1  # channels of one input frame (1 for Moving MNIST and radar)
-    hidden_channels: tuple[int, ...] = (64, 64)  # one entry per recurrent layer, bottom first
+    # One entry per recurrent layer, bottom first (fc_lstm: LSTM units per layer).
+    hidden_channels: tuple[int, ...] = (64, 64)
     kernel_size: int = 5  # odd, so that "same" padding keeps the grid size
     patch_size: int = 4  # frames are cut into patch x patch blocks stacked as channels
     # encoder_forecaster only: stride of the convolution in front of each recurrent layer
     # (the forecaster mirrors them with transposed convolutions); empty = (1, 2, 2, ...).
     stage_strides: tuple[int, ...] = ()
-    forget_bias: float = 1.0  # initial forget-gate bias: remember by default early in training
+    # (H, W) of the frames the model is built for; () = any size. Required by per-position
+    # peepholes and by fc_lstm; when set, frames of another size are refused.
+    frame_size: tuple[int, ...] = ()
+    forget_bias: float = 1.0  # initial forget-gate bias of LSTM cells: remember early on
+    norm: Literal["none", "layer", "group"] = "none"  # normalisation of gate pre-activations
+    peephole: Literal["channel", "position"] = "channel"  # peephole_convlstm: weight shape
+    trajgru_links: int = 13  # trajgru: flow fields per step (L; Shi et al. 2017 used 13, 9)
+    # Query/key channels of sa_convlstm's self-attention memory and of encoder_attention.
+    attention_channels: int = 16
+    # encoder_forecaster only: each encoder layer also reads the context backwards; the two
+    # directions' final states are merged (a learned 1x1 convolution) into the forecaster's.
+    bidirectional: bool = False
+    # encoder_forecaster only: each forecaster layer attends, at every grid position, over the
+    # encoder layer's states at every context step.
+    encoder_attention: bool = False
     output_activation: Literal["none", "sigmoid"] = "none"  # applied to every predicted frame
 
     def __post_init__(self) -> None:
@@ -47,8 +68,11 @@ class ModelConfig:
             )
         if self.in_channels < 1 or self.patch_size < 1:
             raise ConfigError("in_channels and patch_size must be at least 1")
-        if self.architecture == "stacked" and self.stage_strides:
-            raise ConfigError("stage_strides applies to architecture=encoder_forecaster only")
+        if self.frame_size and (len(self.frame_size) != 2 or min(self.frame_size) < 1):
+            raise ConfigError(f"frame_size must be (H, W), got {self.frame_size}")
+        if self.trajgru_links < 1 or self.attention_channels < 1:
+            raise ConfigError("trajgru_links and attention_channels must be at least 1")
+        self._check_applicable()
         if self.architecture == "encoder_forecaster":
             if not self.stage_strides:
                 self.stage_strides = (1,) + (2,) * (len(self.hidden_channels) - 1)
@@ -59,6 +83,41 @@ class ModelConfig:
                 )
             if any(s < 1 for s in self.stage_strides):
                 raise ConfigError(f"stage_strides must be >= 1, got {self.stage_strides}")
+        if self.frame_size and self.architecture != "fc_lstm":
+            for size in self.frame_size:
+                if size % (self.patch_size * math.prod(self.stage_strides)):
+                    raise ConfigError(
+                        f"frame_size {self.frame_size} is not divisible by patch_size x "
+                        f"stage strides ({self.patch_size} x {math.prod(self.stage_strides)})"
+                    )
+
+    def _check_applicable(self) -> None:
+        """Refuse fields set away from their defaults where they would have no effect."""
+        reasons: dict[str, str] = {}
+        arch, cell = self.architecture, self.cell
+        if arch != "encoder_forecaster":
+            for name in ("stage_strides", "bidirectional", "encoder_attention"):
+                reasons[name] = "applies to architecture=encoder_forecaster only"
+        if arch == "fc_lstm":
+            for name in ("cell", "kernel_size", "patch_size", "norm"):
+                reasons[name] = "has no effect with architecture=fc_lstm"
+            if not self.frame_size:
+                raise ConfigError("architecture=fc_lstm needs frame_size=(H, W)")
+        if cell not in ("convlstm", "peephole_convlstm", "sa_convlstm"):
+            reasons["forget_bias"] = "applies to LSTM cells only"
+        if cell != "peephole_convlstm":
+            reasons["peephole"] = "applies to cell=peephole_convlstm only"
+        if cell != "trajgru":
+            reasons["trajgru_links"] = "applies to cell=trajgru only"
+        if cell != "sa_convlstm" and not self.encoder_attention:
+            reasons["attention_channels"] = "applies to sa_convlstm and encoder_attention only"
+        defaults = ModelConfig.__dataclass_fields__
+        for name, why in reasons.items():
+            default = defaults[name].default
+            if getattr(self, name) != default:
+                raise ConfigError(f"{name}={getattr(self, name)!r} {why}")
+        if cell == "peephole_convlstm" and self.peephole == "position" and not self.frame_size:
+            raise ConfigError("peephole=position needs frame_size=(H, W) (weights per position)")
 
 
 @dataclass
@@ -123,8 +182,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mmnist-convlstm-s": dict(hidden_channels=(128, 128, 128, 128), kernel_size=5, patch_size=4),
     # OpenSTL's ConvLSTM-L: 4 layers x 192.
     "mmnist-convlstm-l": dict(hidden_channels=(192, 192, 192, 192), kernel_size=5, patch_size=4),
-    # Shi et al. 2015's Moving MNIST network: 128-64-64, 5x5 kernels, 4x4 patches.
-    "mmnist-shi2015": dict(hidden_channels=(128, 64, 64), kernel_size=5, patch_size=4),
+    # Shi et al. 2015's Moving MNIST network: 128-64-64, 5x5 kernels, 4x4 patches, and the
+    # paper's peephole ConvLSTM with a weight per grid position (so 64x64 frames only).
+    "mmnist-shi2015": dict(
+        cell="peephole_convlstm",
+        peephole="position",
+        frame_size=(64, 64),
+        hidden_channels=(128, 64, 64),
+        kernel_size=5,
+        patch_size=4,
+    ),
     # Small enough to learn motion in a few CPU minutes (the README's quick start): 8x8 patches
     # make an 8x8 grid, 4x cheaper per channel than OpenSTL's 16x16; on 2 CPU cores this beat
     # 2x32 channels on 4x4 patches at equal time (MSE/frame 116 vs 134 after ~6 minutes).
@@ -136,6 +203,50 @@ PRESETS: dict[str, dict[str, Any]] = {
         kernel_size=3,
         patch_size=4,
         stage_strides=(1, 2, 2),
+    ),
+    # The rest of the cell family in the ConvLSTM-S layout (4 layers x 128, 5x5, 4x4 patches).
+    "mmnist-peephole-convlstm": dict(
+        cell="peephole_convlstm", hidden_channels=(128,) * 4, kernel_size=5, patch_size=4
+    ),
+    "mmnist-convgru": dict(cell="convgru", hidden_channels=(128,) * 4, kernel_size=5, patch_size=4),
+    "mmnist-convrnn": dict(cell="convrnn", hidden_channels=(128,) * 4, kernel_size=5, patch_size=4),
+    # Lin et al. 2020's Moving MNIST SA-ConvLSTM: 4 layers x 64, 3x3 kernels, 4x4 patches.
+    "mmnist-sa-convlstm": dict(
+        cell="sa_convlstm", hidden_channels=(64,) * 4, kernel_size=3, patch_size=4
+    ),
+    # TrajGRU in Shi et al. 2017's encoder-forecaster layout, scaled to 64x64 frames.
+    "mmnist-trajgru": dict(
+        architecture="encoder_forecaster",
+        cell="trajgru",
+        hidden_channels=(64, 96, 96),
+        kernel_size=3,
+        patch_size=4,
+        stage_strides=(1, 2, 2),
+    ),
+    # The encoder-forecaster with a bidirectional encoder, and with attention over its states.
+    "mmnist-bidirectional-ef": dict(
+        architecture="encoder_forecaster",
+        bidirectional=True,
+        hidden_channels=(64, 96, 96),
+        kernel_size=3,
+        patch_size=4,
+        stage_strides=(1, 2, 2),
+    ),
+    "mmnist-attention-ef": dict(
+        architecture="encoder_forecaster",
+        encoder_attention=True,
+        hidden_channels=(64, 96, 96),
+        kernel_size=3,
+        patch_size=4,
+        stage_strides=(1, 2, 2),
+    ),
+    # Srivastava et al. 2015's FC-LSTM (2 x 2048 units, conditional future predictor, sigmoid
+    # output), the fully connected baseline of Shi et al. 2015: about 176M parameters.
+    "mmnist-fc-lstm": dict(
+        architecture="fc_lstm",
+        hidden_channels=(2048, 2048),
+        frame_size=(64, 64),
+        output_activation="sigmoid",
     ),
 }
 

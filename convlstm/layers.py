@@ -93,3 +93,56 @@ class UpStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.conv(x))
+
+
+class StateMerge(nn.Module):
+    """Merges a forward and a backward pass's final states into one: each state tensor becomes
+    W [s_fwd; s_bwd] + b (a 1x1 convolution), initialised to the mean of the two."""
+
+    def __init__(self, *, channels: int, state_size: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(2 * channels, channels, 1) for _ in range(state_size))
+        with torch.no_grad():
+            eye = torch.eye(channels).view(channels, channels, 1, 1)
+            for conv in self.convs:
+                conv.weight.copy_(torch.cat([eye, eye], dim=1) / 2)
+                conv.bias.zero_()
+
+    def forward(self, forward_state: tuple, backward_state: tuple) -> tuple:
+        return tuple(
+            conv(torch.cat([f, b], dim=1))
+            for conv, f, b in zip(self.convs, forward_state, backward_state, strict=True)
+        )
+
+
+class TemporalAttention(nn.Module):
+    """Attention of a forecaster state over an encoder's per-step states, at each grid position:
+
+        q = W_q h,  k_t = W_k e_t,  v_t = W_v e_t                  (1x1 convolutions)
+        a_t(y, x) = softmax_t(q(y, x) . k_t(y, x) / sqrt(d))
+        h' = h + W_o Σ_t a_t v_t
+
+    h (B, C, H, W); the memory e (B, T, C_e, H, W) is the encoder layer's output sequence.
+    """
+
+    def __init__(self, *, channels: int, memory_channels: int, key_channels: int) -> None:
+        super().__init__()
+        self.query = nn.Conv2d(channels, key_channels, 1)
+        self.key = nn.Conv2d(memory_channels, key_channels, 1)
+        self.value = nn.Conv2d(memory_channels, channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        self.scale = key_channels**-0.5
+
+    def keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T, C_e, H, W) -> keys (B, T, d, H, W) and values (B, T, C, H, W), once per
+        forecast."""
+        flat = memory.flatten(0, 1)  # (B*T, C_e, H, W)
+        t = memory.shape[1]
+        return self.key(flat).unflatten(0, (-1, t)), self.value(flat).unflatten(0, (-1, t))
+
+    def forward(self, h: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        q = self.query(h)  # (B, d, H, W)
+        scores = torch.einsum("bdhw,btdhw->bthw", q, keys.to(q.dtype)) * self.scale
+        weights = scores.softmax(dim=1)  # (B, T, H, W), over the context steps
+        context = torch.einsum("bthw,btchw->bchw", weights, values.to(weights.dtype))
+        return h + self.out(context)

@@ -1,65 +1,59 @@
-"""Forecasting models. Both share one interface:
+"""The convolutional forecasting models (the interface is in convlstm.forecaster):
 
     state = model.encode(context)                    # context (B, T, C, H, W); continue with state=
     preds = model.forecast(state, horizon)           # (B, horizon, C, H, W)
     preds = model(context, horizon)                  # the two above in one call
 
-`encode` can be fed one frame at a time (streaming) and gives the same state as one long call.
+`encode` can be fed one frame at a time (streaming) and gives the same state as one long call
+(except a bidirectional encoder, which reads the whole context at once).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from convlstm.cells import make_cell
+from convlstm.cells import CELLS, make_cell
 from convlstm.config import ModelConfig
 from convlstm.errors import ShapeError
-from convlstm.layers import ConvRNN, DownStage, UpStage, check_video, patchify, unpatchify
+from convlstm.fc_lstm import FCLSTMForecaster
+from convlstm.forecaster import Forecaster, output_activation
+from convlstm.layers import (
+    ConvRNN,
+    DownStage,
+    StateMerge,
+    TemporalAttention,
+    UpStage,
+    patchify,
+    unpatchify,
+)
 
 
-def _activation(name: str) -> nn.Module:
-    return nn.Sigmoid() if name == "sigmoid" else nn.Identity()
+def cell_options(config: ModelConfig, grid: tuple[int, int] | None) -> dict[str, Any]:
+    """The keyword arguments of `config.cell` that the config sets, for a layer whose grid is
+    `grid` (H, W), or None when the frame size is not fixed."""
+    options: dict[str, Any] = {"kernel_size": config.kernel_size, "norm": config.norm}
+    if config.cell in ("convlstm", "peephole_convlstm", "sa_convlstm"):
+        options["forget_bias"] = config.forget_bias
+    if config.cell == "peephole_convlstm":
+        options["peephole"] = config.peephole
+        if config.peephole == "position":
+            options["grid_size"] = grid
+    if config.cell == "trajgru":
+        options["links"] = config.trajgru_links
+    if config.cell == "sa_convlstm":
+        options["key_channels"] = config.attention_channels
+    return options
 
 
-class Forecaster(nn.Module):
-    """The interface both model shapes share: encode, forecast, step, and the two in one call."""
-
-    feeds_back = False  # whether forecast() can be fed true frames (teacher forcing)
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.patch = config.patch_size
-
-    def encode(self, context: Tensor, state=None):
-        raise NotImplementedError
-
-    def forecast(self, state, horizon: int, targets=None, teacher_mask=None) -> Tensor:
-        raise NotImplementedError
-
-    def step(self, frame: Tensor, state):
-        """Feed one frame (B, C, H, W); the same as encode() of a one-frame sequence."""
-        return self.encode(frame.unsqueeze(1), state)
-
-    def forward(
-        self,
-        context: Tensor,
-        horizon: int,
-        targets: Tensor | None = None,
-        teacher_mask: Tensor | None = None,
-    ) -> Tensor:
-        return self.forecast(self.encode(context), horizon, targets, teacher_mask)
-
-    def _check_context(self, context: Tensor) -> None:
-        check_video(context, "context")
-        if context.shape[2] != self.config.in_channels:
-            raise ShapeError(
-                f"model expects {self.config.in_channels} channels per frame, "
-                f"got {context.shape[2]}"
-            )
+def _grid(config: ModelConfig, reduction: int) -> tuple[int, int] | None:
+    if not config.frame_size:
+        return None
+    height, width = config.frame_size
+    return height // reduction, width // reduction
 
 
 class StackedState(NamedTuple):
@@ -82,18 +76,18 @@ class StackedForecaster(Forecaster):
         super().__init__(config)
         grid_channels = config.in_channels * config.patch_size**2
         layers = []
+        options = cell_options(config, _grid(config, config.patch_size))
         for i, hidden in enumerate(config.hidden_channels):
             cell = make_cell(
                 config.cell,
                 in_channels=grid_channels if i == 0 else config.hidden_channels[i - 1],
                 hidden_channels=hidden,
-                kernel_size=config.kernel_size,
-                forget_bias=config.forget_bias,
+                **options,
             )
             layers.append(ConvRNN(cell))
         self.layers = nn.ModuleList(layers)
         self.head = nn.Conv2d(config.hidden_channels[-1], grid_channels, kernel_size=1)
-        self.out_act = _activation(config.output_activation)
+        self.out_act = output_activation(config.output_activation)
 
     def _predict(self, top_hidden: Tensor) -> Tensor:
         return unpatchify(self.out_act(self.head(top_hidden)), self.patch)  # (B, C, H, W)
@@ -135,8 +129,7 @@ class StackedForecaster(Forecaster):
         teacher_mask (B, horizon - 1) bool: where True, step k+1 is fed targets[:, k] instead of
         the prediction of frame k (scheduled sampling). targets is (B, >= horizon - 1, C, H, W).
         """
-        if horizon < 1:
-            raise ShapeError(f"horizon must be at least 1, got {horizon}")
+        self._check_horizon(horizon)
         if teacher_mask is not None and targets is None:
             raise ShapeError("teacher_mask needs targets")
         preds = [state.prediction]
@@ -150,11 +143,22 @@ class StackedForecaster(Forecaster):
         return torch.stack(preds, dim=1)  # (B, horizon, C, H, W)
 
 
+class EncoderState(NamedTuple):
+    layers: list  # one cell state per layer, bottom first
+    memory: list | None  # encoder_attention: each layer's outputs (B, T, C, h, w); else None
+
+
 class EncoderForecaster(Forecaster):
     """Shi et al. (2015, 2017): an encoder of RNN layers behind strided convolutions reads the
     context; a forecaster of RNN layers mirrors it (top first, transposed convolutions going up
     in resolution) and starts from the encoder's final states. The forecaster takes no frames
     as input (its top cell has no input), so any horizon can be rolled out from one state.
+
+    bidirectional: each encoder layer also runs a second cell backwards over the context; the
+    next layer reads both directions' outputs (concatenated), and the forecaster starts from
+    StateMerge(forward final state, backward final state) (the backward pass ends at frame 0).
+    encoder_attention: after each forecaster cell, TemporalAttention over the encoder layer's
+    outputs at the same resolution adds a context vector to what goes up (not to the state).
     """
 
     feeds_back = False  # the forecaster is not fed frames: scheduled sampling does not apply
@@ -164,28 +168,44 @@ class EncoderForecaster(Forecaster):
         hidden = config.hidden_channels
         strides = config.stage_strides
         grid_channels = config.in_channels * config.patch_size**2
+        directions = 2 if config.bidirectional else 1
         n = len(hidden)
 
         def cell(in_channels: int, i: int) -> nn.Module:
+            grid = _grid(config, config.patch_size * math.prod(strides[: i + 1]))
             return make_cell(
                 config.cell,
                 in_channels=in_channels,
                 hidden_channels=hidden[i],
-                kernel_size=config.kernel_size,
-                forget_bias=config.forget_bias,
+                **cell_options(config, grid),
             )
 
         self.down = nn.ModuleList(
             DownStage(
-                in_channels=grid_channels if i == 0 else hidden[i - 1],
+                in_channels=grid_channels if i == 0 else directions * hidden[i - 1],
                 out_channels=hidden[i],
                 stride=strides[i],
             )
             for i in range(n)
         )
         self.encoder = nn.ModuleList(ConvRNN(cell(hidden[i], i)) for i in range(n))
+        if config.bidirectional:
+            self.backward_encoder = nn.ModuleList(ConvRNN(cell(hidden[i], i)) for i in range(n))
+            state_size = CELLS[config.cell].state_size
+            self.merge = nn.ModuleList(
+                StateMerge(channels=hidden[i], state_size=state_size) for i in range(n)
+            )
         # Forecaster layer i takes the upsampled output of layer i+1; the top one takes nothing.
         self.forecaster = nn.ModuleList(cell(0 if i == n - 1 else hidden[i], i) for i in range(n))
+        if config.encoder_attention:
+            self.attention = nn.ModuleList(
+                TemporalAttention(
+                    channels=hidden[i],
+                    memory_channels=directions * hidden[i],
+                    key_channels=config.attention_channels,
+                )
+                for i in range(n)
+            )
         self.up = nn.ModuleList(
             UpStage(
                 in_channels=hidden[i],
@@ -195,40 +215,62 @@ class EncoderForecaster(Forecaster):
             for i in range(n)
         )
         self.head = nn.Conv2d(hidden[0], grid_channels, kernel_size=1)
-        self.out_act = _activation(config.output_activation)
+        self.out_act = output_activation(config.output_activation)
 
-    def encode(self, context: Tensor, state: list | None = None) -> list:
+    def encode(self, context: Tensor, state: EncoderState | None = None) -> EncoderState:
         """Read context frames (B, T, C, H, W); returns one state per layer, bottom first."""
         self._check_context(context)
+        if self.config.bidirectional and state is not None:
+            raise ShapeError(
+                "a bidirectional encoder reads the whole context in one call; "
+                "it cannot continue from a state (no streaming)"
+            )
         b, t = context.shape[:2]
         x = patchify(context.flatten(0, 1), self.patch)  # (B*T, Cp, h, w)
-        states = [None] * len(self.encoder) if state is None else list(state)
+        states = [None] * len(self.encoder) if state is None else list(state.layers)
+        outputs = []
         for i, (down, rnn) in enumerate(zip(self.down, self.encoder, strict=True)):
             x = down(x).unflatten(0, (b, t))  # (B, T, C_i, h_i, w_i)
-            x, states[i] = rnn(x, states[i])
-            x = x.flatten(0, 1)  # (B*T, C_i, h_i, w_i)
-        return states
+            out, states[i] = rnn(x, states[i])
+            if self.config.bidirectional:
+                back, back_state = self.backward_encoder[i](x.flip(1))
+                out = torch.cat([out, back.flip(1)], dim=2)  # (B, T, 2 C_i, h_i, w_i)
+                states[i] = self.merge[i](states[i], back_state)
+            outputs.append(out)
+            x = out.flatten(0, 1)  # (B*T, C, h_i, w_i)
+        memory = None
+        if self.config.encoder_attention:
+            memory = outputs
+            if state is not None and state.memory is not None:
+                pairs = zip(state.memory, outputs, strict=True)
+                memory = [torch.cat(pair, dim=1) for pair in pairs]  # along time
+        return EncoderState(states, memory)
 
     def forecast(
         self,
-        state: list,
+        state: EncoderState,
         horizon: int,
         targets: Tensor | None = None,
         teacher_mask: Tensor | None = None,
     ) -> Tensor:
         """Roll out `horizon` frames (B, horizon, C, H, W) from the encoder's states."""
-        if horizon < 1:
-            raise ShapeError(f"horizon must be at least 1, got {horizon}")
+        self._check_horizon(horizon)
         if teacher_mask is not None:
             raise ShapeError(
                 "EncoderForecaster is not fed frames while forecasting: no teacher_mask"
             )
-        states = list(state)
+        states = list(state.layers)
+        keys_values = None
+        if self.config.encoder_attention:
+            pairs = zip(self.attention, state.memory, strict=True)
+            keys_values = [attention.keys_values(memory) for attention, memory in pairs]
         preds = []
         for _ in range(horizon):
             x = None
             for i in reversed(range(len(self.forecaster))):
                 h, states[i] = self.forecaster[i](x, states[i])
+                if keys_values is not None:
+                    h = self.attention[i](h, *keys_values[i])
                 x = self.up[i](h)  # (B, C_{i-1}, h_{i-1}, w_{i-1})
             preds.append(unpatchify(self.out_act(self.head(x)), self.patch))
         return torch.stack(preds, dim=1)  # (B, horizon, C, H, W)
@@ -237,6 +279,7 @@ class EncoderForecaster(Forecaster):
 MODELS: dict[str, type[Forecaster]] = {
     "stacked": StackedForecaster,
     "encoder_forecaster": EncoderForecaster,
+    "fc_lstm": FCLSTMForecaster,
 }
 
 

@@ -11,8 +11,12 @@ from tests import reference as ref
 def tiny(name: str) -> ModelConfig:
     """The preset's structure at test size: same architecture and layer count, few channels."""
     base = from_name(name)
-    hidden = tuple(4 + i for i in range(len(base.hidden_channels)))
-    return from_name(name, hidden_channels=hidden, kernel_size=3)
+    overrides = {"hidden_channels": tuple(4 + i for i in range(len(base.hidden_channels)))}
+    if base.architecture != "fc_lstm":
+        overrides["kernel_size"] = 3
+    if base.frame_size:
+        overrides["frame_size"] = (16, 16)  # the tests' frames
+    return from_name(name, **overrides)
 
 
 def _np(t):
@@ -73,6 +77,10 @@ def test_streaming_one_frame_at_a_time_equals_one_call(name):
     torch.manual_seed(0)
     model = build_model(tiny(name)).eval()
     context = torch.rand(2, 6, 1, 16, 16)
+    if model.config.bidirectional:  # reads the whole context at once: continuing is an error
+        with pytest.raises(ShapeError, match="bidirectional"):
+            model.step(context[:, 1], model.encode(context[:, :1]))
+        return
     with torch.no_grad():
         whole = model.forecast(model.encode(context), 5)
         state = None
@@ -115,7 +123,7 @@ def test_encoder_forecaster_rolls_out_any_horizon_and_starts_from_encoder_state(
 def test_encoder_forecaster_layers_shrink_the_grid_by_their_strides():
     model = EncoderForecaster(tiny("mmnist-encoder-forecaster"))  # patch 4, strides (1, 2, 2)
     state = model.encode(torch.rand(1, 2, 1, 64, 64))
-    assert [tuple(h.shape[-2:]) for h, _ in state] == [(16, 16), (8, 8), (4, 4)]
+    assert [tuple(h.shape[-2:]) for h, _ in state.layers] == [(16, 16), (8, 8), (4, 4)]
 
 
 def test_bad_inputs_are_shape_errors():

@@ -1,0 +1,111 @@
+"""What every cell shares: argument checks, the zero state, and the optional gate normalisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from convlstm.errors import ConfigError, ShapeError
+
+NORMS = ("none", "layer", "group")
+
+
+class RecurrentCell(nn.Module):
+    """Base of every cell: `h, state = cell(x, state)` with `state` a tuple of (B, C, H, W)
+    tensors whose first entry is h. Subclasses set `state_size` (how many tensors) and
+    implement `step(x, state)`; x is None for a cell built with `in_channels=0`."""
+
+    state_size = 1
+
+    def __init__(self, *, in_channels: int, hidden_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size must be odd (same padding), got {kernel_size}")
+        if in_channels < 0 or hidden_channels < 1:
+            raise ConfigError(
+                f"need in_channels >= 0 and hidden_channels >= 1, got {in_channels}, "
+                f"{hidden_channels}"
+            )
+        self.in_channels = in_channels
+        self.hidden_channels = hidden_channels
+        self.kernel_size = kernel_size
+
+    def init_state(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, ...]:
+        weight = next(self.parameters())
+        shape = (batch, self.hidden_channels, height, width)
+        device, dtype = device or weight.device, dtype or weight.dtype
+        return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.state_size))
+
+    def forward(self, x: Tensor | None, state: tuple[Tensor, ...] | None = None):
+        name = type(self).__name__
+        if self.in_channels == 0:
+            if x is not None:
+                raise ShapeError(f"this {name} was built with in_channels=0 and takes x=None")
+            if state is None:
+                raise ShapeError("a cell without input needs a state to start from")
+        else:
+            if x is None or x.dim() != 4:
+                got = None if x is None else tuple(x.shape)
+                raise ShapeError(f"{name} expects x of shape (B, C, H, W), got {got}")
+            if x.shape[1] != self.in_channels:
+                raise ShapeError(
+                    f"{name} was built for {self.in_channels} input channels, got {x.shape[1]}"
+                )
+            if state is None:
+                b, _, height, width = x.shape
+                state = self.init_state(b, height, width, device=x.device, dtype=x.dtype)
+        if len(state) != self.state_size:
+            raise ShapeError(f"{name} carries {self.state_size} state tensors, got {len(state)}")
+        state = self.step(x, tuple(state))
+        return state[0], state
+
+    def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:
+    """A 'same'-padded convolution."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+
+
+def with_input(x: Tensor | None, h: Tensor) -> Tensor:
+    """[x, h] along channels (just h for a cell without input); h follows x's dtype (autocast)."""
+    return h if x is None else torch.cat([x, h.to(x.dtype)], dim=1)
+
+
+class GateNorm(nn.Module):
+    """Normalisation of `gates` stacked pre-activations, each of `channels` channels.
+
+    "layer": each gate is normalised over its (C, H, W) (layer norm per gate, Ba et al. 2016);
+    "group": each gate's channels are split into gcd(C, 8) groups normalised over (C/G, H, W);
+    both with a learned per-channel scale and shift (GroupNorm), so any grid size works.
+    "none": the identity. With a norm, the shift replaces the convolution's bias.
+    """
+
+    def __init__(self, kind: str, *, gates: int, channels: int) -> None:
+        super().__init__()
+        if kind not in NORMS:
+            raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
+        self.kind = kind
+        per_gate = 1 if kind == "layer" else math.gcd(channels, 8)
+        self.norm = (
+            nn.GroupNorm(gates * per_gate, gates * channels) if kind != "none" else nn.Identity()
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.norm(z)
+
+
+def gate_bias(conv_layer: nn.Conv2d, norm: GateNorm) -> Tensor | None:
+    """The parameter that holds the gates' bias: the norm's shift when there is a norm."""
+    return norm.norm.bias if norm.kind != "none" else conv_layer.bias

@@ -1,0 +1,99 @@
+"""ConvLSTM (Shi et al. 2015), with and without peephole connections."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from convlstm.cells.base import GateNorm, RecurrentCell, conv, gate_bias, with_input
+from convlstm.errors import ConfigError, ShapeError
+
+PEEPHOLES = ("none", "channel", "position")
+
+
+class ConvLSTMCell(RecurrentCell):
+    """ConvLSTM. State (h, c). Without peepholes (the default):
+
+        [i, f, g, o] = N(W * [x, h] + b)       (one convolution for all four gates)
+        c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)
+        h' = σ(o) ⊙ tanh(N_c(c'))
+
+    With `peephole="channel"` or `"position"` (Shi et al. 2015, eq. 3) the input and forget
+    gates also see W_ci ⊙ c and W_cf ⊙ c, and the output gate sees W_co ⊙ c':
+
+        i = σ(z_i + W_ci ⊙ c)    f = σ(z_f + W_cf ⊙ c)    o = σ(z_o + W_co ⊙ c')
+
+    The peephole weights are parameters of shape (C, 1, 1) ("channel", the default of the
+    peephole cell) or (C, H, W) ("position", as in the paper: then `grid_size=(H, W)` is
+    required and other grid sizes are refused). They start at zero, so training starts from
+    the plain ConvLSTM.
+
+    `norm` ("none", "layer", "group"; see GateNorm) normalises the gate pre-activations (N) and
+    the memory before the output tanh (N_c), as in the layer-normalised LSTM of Ba et al. 2016.
+    `in_channels=0` makes a cell with no input (the top of Shi et al.'s forecaster): x is None.
+    """
+
+    state_size = 2
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        hidden_channels: int,
+        kernel_size: int = 3,
+        bias: bool = True,
+        forget_bias: float = 1.0,
+        norm: str = "none",
+        peephole: str = "none",
+        grid_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels=in_channels, hidden_channels=hidden_channels, kernel_size=kernel_size
+        )
+        if peephole not in PEEPHOLES:
+            raise ConfigError(f"peephole must be one of {', '.join(PEEPHOLES)}, got {peephole!r}")
+        if peephole == "position" and (grid_size is None or len(grid_size) != 2):
+            raise ConfigError("per-position peepholes need grid_size=(H, W) of the cell's grid")
+        c = hidden_channels
+        self.norm = GateNorm(norm, gates=4, channels=c)
+        self.cell_norm = GateNorm(norm, gates=1, channels=c)
+        # Gate order along the output channels: input, forget, candidate, output.
+        self.conv = conv(in_channels + c, 4 * c, kernel_size, bias=bias and norm == "none")
+        shift = gate_bias(self.conv, self.norm)
+        if shift is not None:
+            with torch.no_grad():
+                shift[c : 2 * c].fill_(forget_bias)
+        self.peephole = peephole
+        self.grid_size = tuple(grid_size) if peephole == "position" else None
+        if peephole != "none":
+            shape = (c, 1, 1) if peephole == "channel" else (c, *self.grid_size)
+            self.w_ci = nn.Parameter(torch.zeros(shape))
+            self.w_cf = nn.Parameter(torch.zeros(shape))
+            self.w_co = nn.Parameter(torch.zeros(shape))
+
+    def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        h, c = state
+        if self.grid_size is not None and tuple(h.shape[-2:]) != self.grid_size:
+            raise ShapeError(
+                f"per-position peephole weights were built for a {self.grid_size[0]}x"
+                f"{self.grid_size[1]} grid, got {h.shape[-2]}x{h.shape[-1]}"
+            )
+        z = self.norm(self.conv(with_input(x, h)))  # (B, 4C, H, W)
+        i, f, g, o = z.chunk(4, dim=1)
+        if self.peephole != "none":
+            i = i + self.w_ci * c
+            f = f + self.w_cf * c
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        if self.peephole != "none":
+            o = o + self.w_co * c
+        h = torch.sigmoid(o) * torch.tanh(self.cell_norm(c))
+        return h, c
+
+
+class PeepholeConvLSTMCell(ConvLSTMCell):
+    """ConvLSTM with peephole connections (Shi et al. 2015, eq. 3); per-channel by default."""
+
+    def __init__(self, *, peephole: str = "channel", **kwargs) -> None:
+        if peephole == "none":
+            raise ConfigError("a peephole cell needs peephole='channel' or 'position'")
+        super().__init__(peephole=peephole, **kwargs)
