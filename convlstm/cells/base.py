@@ -66,6 +66,13 @@ class RecurrentCell(nn.Module):
                 state = self.init_state(b, height, width, device=x.device, dtype=x.dtype)
         if len(state) != self.state_size:
             raise ShapeError(f"{name} carries {self.state_size} state tensors, got {len(state)}")
+        expected = (self.hidden_channels, *(x.shape[-2:] if x is not None else state[0].shape[-2:]))
+        for s in state:
+            if s.dim() != 4 or tuple(s.shape[1:]) != expected:
+                raise ShapeError(
+                    f"{name} state tensors must be (B, {expected[0]}, {expected[1]}, "
+                    f"{expected[2]}), got {tuple(s.shape)}"
+                )
         state = self.step(x, tuple(state))
         return state[0], state
 
