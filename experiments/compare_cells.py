@@ -64,7 +64,9 @@ def matched_config(name: str, budget: int, layers: int = 2) -> ModelConfig:
     def params(width: int) -> int:
         return count_parameters(build_model(variant_config(name, layers, width)))
 
-    low, high = 1, 4096
+    low, high = 1, 8
+    while params(high) <= budget:  # double until past the budget, then bisect
+        low, high = high, 2 * high
     while high - low > 1:  # parameters grow with the width: bisect for the crossing
         mid = (low + high) // 2
         low, high = (mid, high) if params(mid) <= budget else (low, mid)

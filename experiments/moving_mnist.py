@@ -47,6 +47,14 @@ RECIPES: dict[str, dict] = {
         steps=20_000, batch_size=16, lr=1e-3, scheduled_sampling="none"
     ),
 }
+# The rest of the family trains like its layout: stacked cells with OpenSTL's recipe,
+# encoder-forecasters like the one above; FC-LSTM is fed its own predictions (scheduled
+# sampling) but makes none while reading the context.
+for _name in ("mmnist-peephole-convlstm", "mmnist-convgru", "mmnist-convrnn", "mmnist-sa-convlstm"):
+    RECIPES[_name] = RECIPES["mmnist-convlstm-s"]
+for _name in ("mmnist-trajgru", "mmnist-bidirectional-ef", "mmnist-attention-ef"):
+    RECIPES[_name] = RECIPES["mmnist-encoder-forecaster"]
+RECIPES["mmnist-fc-lstm"] = dict(steps=125_000, batch_size=16, lr=5e-4, ss_decay_steps=50_000)
 
 
 def parse_args(argv=None):

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from convlstm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from convlstm.config import from_name
+from convlstm.config import PRESETS, from_name
 from convlstm.errors import CheckpointError
 from convlstm.models import build_model
+from tests.test_models import tiny
 
 
 def _saved(tmp_path):
@@ -56,3 +57,16 @@ def test_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, model=model, model_config=cfg, step=8)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_round_trips_through_a_checkpoint(tmp_path, name):
+    torch.manual_seed(0)
+    cfg = tiny(name)
+    model = build_model(cfg).eval()
+    path = save_checkpoint(tmp_path / "c.pt", model=model, model_config=cfg, step=1)
+    rebuilt, rebuilt_cfg = model_from_checkpoint(path)
+    assert rebuilt_cfg == cfg
+    x = torch.rand(2, 3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, 2), rebuilt(x, 2), rtol=0, atol=0)

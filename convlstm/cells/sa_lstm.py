@@ -88,5 +88,5 @@ class SAConvLSTMCell(RecurrentCell):
     def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         h, c, m = state
         h, c = self.lstm.step(x, (h, c))
-        h, m = self.memory(h, m.to(h.dtype))
+        h, m = self.memory(h, m)
         return h, c, m
