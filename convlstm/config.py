@@ -182,12 +182,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mmnist-convlstm-s": dict(hidden_channels=(128, 128, 128, 128), kernel_size=5, patch_size=4),
     # OpenSTL's ConvLSTM-L: 4 layers x 192.
     "mmnist-convlstm-l": dict(hidden_channels=(192, 192, 192, 192), kernel_size=5, patch_size=4),
-    # Shi et al. 2015's Moving MNIST network: 128-64-64, 5x5 kernels, 4x4 patches, and the
-    # paper's peephole ConvLSTM with a weight per grid position (so 64x64 frames only).
+    # The layer sizes of Shi et al. 2015's Moving MNIST network (128-64-64, 5x5 kernels, 4x4
+    # patches) and its peephole cell, in the stacked layout (the paper used an encoder and a
+    # forecaster). Peepholes per channel; --peephole position --frame-size 64 64 gives the
+    # per-position weights that eq. 3's Hadamard products describe.
     "mmnist-shi2015": dict(
         cell="peephole_convlstm",
-        peephole="position",
-        frame_size=(64, 64),
         hidden_channels=(128, 64, 64),
         kernel_size=5,
         patch_size=4,
@@ -240,8 +240,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         patch_size=4,
         stage_strides=(1, 2, 2),
     ),
-    # Srivastava et al. 2015's FC-LSTM (2 x 2048 units, conditional future predictor, sigmoid
-    # output), the fully connected baseline of Shi et al. 2015: about 176M parameters.
+    # FC-LSTM after Srivastava et al. 2015 (2 x 2048 units, conditional future predictor,
+    # sigmoid output), the size of Shi et al. 2015's fully connected baseline: 176M parameters
+    # here (no peepholes, conditional decoder; Shi et al. report 143M for theirs).
     "mmnist-fc-lstm": dict(
         architecture="fc_lstm",
         hidden_channels=(2048, 2048),

@@ -34,6 +34,9 @@ class FCLSTMForecaster(Forecaster):
     fed the previous frame at every step: first the last context frame, then its own prediction
     (or, where `teacher_mask` says so, the true frame). A linear layer maps the decoder's top
     state to the next frame. The frame size is fixed at construction (`frame_size`).
+    Our choices where the paper leaves room: the decoder's first input is the last context
+    frame (not a blank frame), the cells have no peepholes, and torch's LSTMCell carries two
+    bias vectors (the forget bias is set on one).
     """
 
     feeds_back = True

@@ -109,8 +109,9 @@ class StateMerge(nn.Module):
                 conv.bias.zero_()
 
     def forward(self, forward_state: tuple, backward_state: tuple) -> tuple:
+        # the merged states keep the states' dtype (float32 under autocast)
         return tuple(
-            conv(torch.cat([f, b], dim=1))
+            conv(torch.cat([f, b], dim=1)).to(f.dtype)
             for conv, f, b in zip(self.convs, forward_state, backward_state, strict=True)
         )
 

@@ -25,7 +25,7 @@ from convlstm.config import ModelConfig, TrainConfig, build, to_dict
 from convlstm.errors import ConfigError
 from convlstm.models import MODELS, build_model, count_parameters
 from convlstm.tracking import Tracker
-from convlstm.training import train
+from convlstm.training import check_compatible, train
 from experiments.mmnist_data import DataConfig, test_sequences, training_batches
 from experiments.report import evaluate_baselines, write_json
 
@@ -52,18 +52,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
 RECIPE = dict(steps=500, batch_size=8, lr=2e-3, ss_decay_steps=275, eval_batch_size=64)
 
 
-def variant_config(name: str, layers: int, width: int) -> ModelConfig:
-    overrides = VARIANTS[name]
-    base = {} if overrides.get("architecture") == "fc_lstm" else BASE
+def variant_config(name: str, layers: int, width: int, canvas: int = 64) -> ModelConfig:
+    overrides = dict(VARIANTS[name])
+    if overrides.get("architecture") == "fc_lstm":
+        overrides["frame_size"] = (canvas, canvas)  # FC-LSTM is built for one frame size
+        base = {}
+    else:
+        base = BASE
     return build(ModelConfig, {**base, **overrides, "hidden_channels": (width,) * layers})
 
 
-def matched_config(name: str, budget: int, layers: int = 2) -> ModelConfig:
+def matched_config(name: str, budget: int, layers: int = 2, canvas: int = 64) -> ModelConfig:
     """The variant with the per-layer width whose parameter count is closest to `budget`."""
 
     def params(width: int) -> int:
-        return count_parameters(build_model(variant_config(name, layers, width)))
+        return count_parameters(build_model(variant_config(name, layers, width, canvas)))
 
+    if params(1) > budget:
+        raise ConfigError(
+            f"--budget {budget:,} is below the smallest {name} ({params(1):,} parameters "
+            "at width 1)"
+        )
     low, high = 1, 8
     while params(high) <= budget:  # double until past the budget, then bisect
         low, high = high, 2 * high
@@ -71,7 +80,7 @@ def matched_config(name: str, budget: int, layers: int = 2) -> ModelConfig:
         mid = (low + high) // 2
         low, high = (mid, high) if params(mid) <= budget else (low, mid)
     best = min((low, high), key=lambda w: abs(params(w) - budget))
-    return variant_config(name, layers, best)
+    return variant_config(name, layers, best, canvas)
 
 
 def recipe_for(model_cfg: ModelConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -119,8 +128,10 @@ def main(argv=None) -> dict:
     train_overrides = given(args, TrainConfig)
     plans = []  # build every config first, so that a bad flag fails before any training
     for name in names:
-        model_cfg = matched_config(name, args.budget, args.layers)
-        plans.append((name, model_cfg, recipe_for(model_cfg, train_overrides)))
+        model_cfg = matched_config(name, args.budget, args.layers, data_cfg.canvas)
+        train_cfg = recipe_for(model_cfg, train_overrides)
+        check_compatible(model_cfg, train_cfg)
+        plans.append((name, model_cfg, train_cfg))
 
     frames = plans[0][2].context_frames + plans[0][2].horizon
     test_set, test_desc = test_sequences(data_cfg, frames)

@@ -54,7 +54,10 @@ for _name in ("mmnist-peephole-convlstm", "mmnist-convgru", "mmnist-convrnn", "m
     RECIPES[_name] = RECIPES["mmnist-convlstm-s"]
 for _name in ("mmnist-trajgru", "mmnist-bidirectional-ef", "mmnist-attention-ef"):
     RECIPES[_name] = RECIPES["mmnist-encoder-forecaster"]
-RECIPES["mmnist-fc-lstm"] = dict(steps=125_000, batch_size=16, lr=5e-4, ss_decay_steps=50_000)
+# Srivastava et al. and Shi et al. train FC-LSTM's sigmoid output with cross-entropy.
+RECIPES["mmnist-fc-lstm"] = dict(
+    steps=125_000, batch_size=16, lr=5e-4, ss_decay_steps=50_000, loss="bce"
+)
 
 
 def parse_args(argv=None):

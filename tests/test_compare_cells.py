@@ -19,12 +19,16 @@ def test_every_preset_has_a_recipe_its_model_can_follow(name):
 
 @pytest.mark.parametrize("variant", sorted(compare_cells.VARIANTS))
 def test_matched_widths_land_near_the_budget(variant):
-    cfg = compare_cells.matched_config(variant, 20_000)
+    budget = 200_000
+    cfg = compare_cells.matched_config(variant, budget)
+    width = cfg.hidden_channels[0]
+    assert width > 1
     params = count_parameters(build_model(cfg))
-    wider = compare_cells.variant_config(variant, 2, cfg.hidden_channels[0] + 1)
-    narrower = compare_cells.variant_config(variant, 2, max(1, cfg.hidden_channels[0] - 1))
-    for other in (wider, narrower):  # no other width is closer to the budget
-        assert abs(params - 20_000) <= abs(count_parameters(build_model(other)) - 20_000)
+    for other in (width - 1, width + 1):  # no other width is closer to the budget
+        other_params = count_parameters(
+            build_model(compare_cells.variant_config(variant, 2, other))
+        )
+        assert abs(params - budget) <= abs(other_params - budget)
 
 
 def test_a_small_comparison_writes_its_tables(tmp_path, mnist_dir):
@@ -56,6 +60,8 @@ def test_a_small_comparison_writes_its_tables(tmp_path, mnist_dir):
         (["--variants", "convlstm,lstm9000"], "unknown variant(s) lstm9000"),
         (["--budget", "10"], "--budget"),
         (["--steps", "0"], "steps must be at least 1"),
+        (["--variants", "fc_lstm", "--budget", "20000"], "below the smallest fc_lstm"),
+        (["--variants", "ef_convlstm", "--scheduled-sampling", "linear"], "scheduled_sampling"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from convlstm.cells import CELLS
+from convlstm.cells import CELLS, warp
 from convlstm.config import ModelConfig, from_name
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.layers import TemporalAttention, patchify
@@ -33,19 +33,28 @@ def test_bidirectional_encoder_merges_a_forward_and_a_backward_pass():
     model = build_model(_ef(bidirectional=True)).double().eval()
     context = torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
+        mean_init = model.encode(context)
+        for p in model.merge.parameters():  # a trained merge: no longer the mean
+            p.normal_(0, 0.5)
         state = model.encode(context)
         x = model.down[0](patchify(context.flatten(0, 1), 2)).unflatten(0, (2, 4))
         fwd_out, fwd = model.encoder[0](x)
         bwd_out, bwd = model.backward_encoder[0](x.flip(1))  # reads frame 3, 2, 1, 0
-        # the merge starts as the mean of the two directions' final states
-        for merged, f, b in zip(state.layers[0], fwd, bwd, strict=True):
+        # the merge starts as the mean of the two directions' final states ...
+        for merged, f, b in zip(mean_init.layers[0], fwd, bwd, strict=True):
             torch.testing.assert_close(merged, (f + b) / 2)
+        # ... and is W [s_fwd; s_bwd] + bias per state tensor
+        for k, (merged, f, b) in enumerate(zip(state.layers[0], fwd, bwd, strict=True)):
+            conv = model.merge[0].convs[k]
+            w, bias = conv.weight[:, :, 0, 0], conv.bias
+            expected = torch.einsum("oc,bchw->bohw", w, torch.cat([f, b], dim=1))
+            torch.testing.assert_close(merged, expected + bias.view(1, -1, 1, 1))
         # the next layer reads both directions, aligned in time
         both = torch.cat([fwd_out, bwd_out.flip(1)], dim=2)  # (B, T, 2C, h, w)
         x1 = model.down[1](both.flatten(0, 1)).unflatten(0, (2, 4))
         _, fwd1 = model.encoder[1](x1)
         _, bwd1 = model.backward_encoder[1](x1.flip(1))
-        torch.testing.assert_close(state.layers[1][0], (fwd1[0] + bwd1[0]) / 2)
+        torch.testing.assert_close(state.layers[1], model.merge[1](fwd1, bwd1))
         # unlike a forward-only encoder, the state depends on the order of the frames
         assert not torch.allclose(model.encode(context.flip(1)).layers[0][0], state.layers[0][0])
 
@@ -146,11 +155,14 @@ def test_fc_lstm_teacher_mask_feeds_true_frames():
 
 
 def test_frame_size_is_enforced_where_set():
-    model = build_model(from_name("mmnist-shi2015", hidden_channels=(4, 3, 3), frame_size=(16, 16)))
+    cfg = from_name(
+        "mmnist-shi2015", hidden_channels=(4, 3), peephole="position", frame_size=(16, 16)
+    )
+    model = build_model(cfg)
     with pytest.raises(ShapeError, match="16x16 frames, got 32x32"):
         model(torch.rand(1, 2, 1, 32, 32), 1)
     with pytest.raises(ConfigError, match="frame_size"):
-        from_name("mmnist-shi2015", frame_size=())  # per-position peepholes need the size
+        from_name("mmnist-shi2015", peephole="position")  # per-position weights need the size
     with pytest.raises(ConfigError, match="frame_size"):
         ModelConfig(architecture="fc_lstm")
     with pytest.raises(ConfigError, match="divisible"):
@@ -212,3 +224,54 @@ def test_every_cell_plugs_into_both_model_shapes(cell, architecture):
         for t in range(4):
             state = model.step(context[:, t], state)
         torch.testing.assert_close(model.forecast(state, 3), preds, rtol=1e-5, atol=1e-6)
+
+
+_CELL_CASES = [{"cell": c} for c in sorted(CELLS) if c != "trajgru"] + [
+    {"cell": "trajgru", "trajgru_links": 3}
+]
+_EF_CASES = [
+    {"cell": "convlstm", "bidirectional": True, "encoder_attention": True},
+    {"cell": "trajgru", "trajgru_links": 3, "bidirectional": True},
+    {"cell": "sa_convlstm", "norm": "group", "bidirectional": True},
+]
+
+
+@pytest.mark.parametrize(
+    "architecture, overrides",
+    [("stacked", o) for o in _CELL_CASES]
+    + [("encoder_forecaster", o) for o in _CELL_CASES + _EF_CASES],
+)
+def test_states_stay_float32_under_bf16_autocast(architecture, overrides):
+    """Under autocast the convolutions run in bf16, but the carried states (LSTM memory
+    included) stay float32, in both model shapes; TrajGRU's warp runs in float32."""
+    torch.manual_seed(0)
+    extra = {"stage_strides": (1, 2)} if architecture == "encoder_forecaster" else {}
+    cfg = ModelConfig(
+        architecture=architecture,
+        hidden_channels=(4, 5),
+        kernel_size=3,
+        patch_size=2,
+        **extra,
+        **overrides,
+    )
+    model = build_model(cfg)
+    context = torch.rand(2, 3, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = model.encode(context)
+        preds = model.forecast(state, 2)
+        preds.float().square().mean().backward()
+    layers = state.layers
+    assert all(t.dtype == torch.float32 for layer in layers for t in layer)
+    assert torch.isfinite(preds).all()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_warp_runs_in_float32_under_autocast():
+    h, flow = torch.randn(2, 3, 8, 8), torch.rand(2, 2, 8, 8) * 2 - 1
+    exact = warp(h, flow)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        warped = warp(h.bfloat16(), flow.bfloat16())
+    assert warped.dtype == torch.float32
+    # only the bf16 rounding of the inputs differs, not the sampling arithmetic
+    torch.testing.assert_close(warped, warp(h.bfloat16().float(), flow.bfloat16().float()))
+    assert (warped - exact).abs().max() < 0.1

@@ -41,6 +41,8 @@ class RecurrentCell(nn.Module):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, ...]:
+        # States take the parameters' dtype, so under autocast they stay in float32 (the memory
+        # accumulates over many steps) while the convolutions run in bf16 / fp16.
         weight = next(self.parameters())
         shape = (batch, self.hidden_channels, height, width)
         device, dtype = device or weight.device, dtype or weight.dtype
@@ -63,7 +65,7 @@ class RecurrentCell(nn.Module):
                 )
             if state is None:
                 b, _, height, width = x.shape
-                state = self.init_state(b, height, width, device=x.device, dtype=x.dtype)
+                state = self.init_state(b, height, width, device=x.device)  # parameter dtype
         if len(state) != self.state_size:
             raise ShapeError(f"{name} carries {self.state_size} state tensors, got {len(state)}")
         expected = (self.hidden_channels, *(x.shape[-2:] if x is not None else state[0].shape[-2:]))

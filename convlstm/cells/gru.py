@@ -38,13 +38,15 @@ class _GRUUpdate(nn.Module):
 
 
 class ConvGRUCell(RecurrentCell):
-    """ConvGRU (Shi et al. 2017, eq. 3, with a tanh candidate). State (h,).
+    """ConvGRU (Shi et al. 2017, eq. 3). State (h,).
 
         [xz, xr, xh] = W_x * x + b          [hz, hr, hh] = W_h * h
         z = σ(xz + hz)    r = σ(xr + hr)    h~ = tanh(xh + r ⊙ hh)    h' = (1 - z) ⊙ h~ + z ⊙ h
 
     The reset gate scales the state-to-state convolution's output (Shi et al.'s form), so both
     convolutions run once per step and the input one can be computed for all frames at once.
+    One departure: the candidate uses tanh (a bounded state, as in the GRU), where Shi et al.
+    use a leaky ReLU for ConvGRU as for TrajGRU (which keeps the paper's leaky ReLU here).
     """
 
     def __init__(
@@ -74,18 +76,23 @@ class ConvGRUCell(RecurrentCell):
 def warp(h: Tensor, flow: Tensor) -> Tensor:
     """Bilinear backward warp: out[b, :, y, x] = h[b, :, y + v, x + u], where
     (u, v) = flow[b, :, y, x] in grid cells (u along the width); outside the grid reads zeros.
-    h (B, C, H, W), flow (B, 2, H, W) -> (B, C, H, W)."""
-    _, _, height, width = h.shape
-    ys = torch.arange(height, device=h.device, dtype=flow.dtype).view(1, height, 1)
-    xs = torch.arange(width, device=h.device, dtype=flow.dtype).view(1, 1, width)
-    x_src = xs + flow[:, 0]  # (B, H, W)
-    y_src = ys + flow[:, 1]
-    # grid_sample with align_corners=False reads cell i's centre at (2i + 1) / size - 1
-    # (this also holds for a grid one cell wide).
-    grid = torch.stack([(2 * x_src + 1) / width - 1, (2 * y_src + 1) / height - 1], dim=-1)
-    return F.grid_sample(  # grid (B, H, W, 2)
-        h, grid.to(h.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    h (B, C, H, W), flow (B, 2, H, W) -> (B, C, H, W). Runs in float32 (or float64) even under
+    autocast: in bf16 the sampling positions and the gradient reaching the flows are too coarse.
+    """
+    dtype = torch.promote_types(torch.promote_types(h.dtype, flow.dtype), torch.float32)
+    with torch.autocast(h.device.type, enabled=False):
+        h, flow = h.to(dtype), flow.to(dtype)
+        _, _, height, width = h.shape
+        ys = torch.arange(height, device=h.device, dtype=dtype).view(1, height, 1)
+        xs = torch.arange(width, device=h.device, dtype=dtype).view(1, 1, width)
+        x_src = xs + flow[:, 0]  # (B, H, W)
+        y_src = ys + flow[:, 1]
+        # grid_sample with align_corners=False reads cell i's centre at (2i + 1) / size - 1
+        # (this also holds for a grid one cell wide).
+        grid = torch.stack([(2 * x_src + 1) / width - 1, (2 * y_src + 1) / height - 1], dim=-1)
+        return F.grid_sample(  # grid (B, H, W, 2)
+            h, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
 
 
 class TrajGRUCell(RecurrentCell):
@@ -97,6 +104,8 @@ class TrajGRUCell(RecurrentCell):
     convolution over the L warped copies:
         [hz, hr, hh] = Σ_l W_l * warp(h, U_l, V_l)
     and the update is ConvGRU's with the paper's leaky ReLU (slope 0.2) as candidate activation.
+    Sign convention: a copy is read at (y + v, x + u); some implementations subtract the flow
+    instead, which the linear flow layer absorbs (the same family of functions).
     """
 
     def __init__(
@@ -140,7 +149,7 @@ class TrajGRUCell(RecurrentCell):
         b, links = flows.shape[:2]
         # warp all L copies in one call: (B*L, C, H, W) sampled along (B*L, 2, H, W)
         copies = h.unsqueeze(1).expand(-1, links, -1, -1, -1).flatten(0, 1)
-        warped = warp(copies.to(flows.dtype), flows.flatten(0, 1)).unflatten(0, (b, links))
+        warped = warp(copies, flows.flatten(0, 1)).unflatten(0, (b, links))
         from_h = self.conv_h(warped.flatten(1, 2))  # (B, L*C, H, W) -> (B, 3C, H, W)
         from_x = None if x is None else self.conv_x(x)
         return (self.update(from_x, from_h, h),)
@@ -170,4 +179,5 @@ class ConvRNNCell(RecurrentCell):
 
     def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor]:
         (h,) = state
-        return (torch.tanh(self.norm(self.conv(with_input(x, h)))),)
+        out = torch.tanh(self.norm(self.conv(with_input(x, h))))
+        return (out.to(h.dtype),)  # the state keeps its dtype (float32 under autocast)
