@@ -176,10 +176,21 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
 
 
+# Shi et al. 2017's encoder-forecaster layout scaled to 64x64 frames, shared by its presets.
+_EF_LAYOUT: dict[str, Any] = dict(
+    architecture="encoder_forecaster",
+    hidden_channels=(64, 96, 96),
+    kernel_size=3,
+    patch_size=4,
+    stage_strides=(1, 2, 2),
+)
+# OpenSTL's ConvLSTM-S layout (4 x 128, 5x5 kernels, 4x4 patches), shared by its presets.
+_S_LAYOUT: dict[str, Any] = dict(hidden_channels=(128,) * 4, kernel_size=5, patch_size=4)
+
 # Named model presets: overrides of ModelConfig's defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # OpenSTL's ConvLSTM-S for Moving MNIST: 4 layers x 128, 5x5 kernels, 4x4 patches.
-    "mmnist-convlstm-s": dict(hidden_channels=(128, 128, 128, 128), kernel_size=5, patch_size=4),
+    "mmnist-convlstm-s": dict(_S_LAYOUT),
     # OpenSTL's ConvLSTM-L: 4 layers x 192.
     "mmnist-convlstm-l": dict(hidden_channels=(192, 192, 192, 192), kernel_size=5, patch_size=4),
     # The layer sizes of Shi et al. 2015's Moving MNIST network (128-64-64, 5x5 kernels, 4x4
@@ -198,47 +209,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mmnist-cpu-small": dict(hidden_channels=(64, 64), kernel_size=3, patch_size=8),
     # Shi et al. 2017's encoder-forecaster layout, scaled to 64x64 frames.
     "mmnist-encoder-forecaster": dict(
-        architecture="encoder_forecaster",
-        hidden_channels=(64, 96, 96),
-        kernel_size=3,
-        patch_size=4,
-        stage_strides=(1, 2, 2),
+        **_EF_LAYOUT,
     ),
     # The rest of the cell family in the ConvLSTM-S layout (4 layers x 128, 5x5, 4x4 patches).
-    "mmnist-peephole-convlstm": dict(
-        cell="peephole_convlstm", hidden_channels=(128,) * 4, kernel_size=5, patch_size=4
-    ),
-    "mmnist-convgru": dict(cell="convgru", hidden_channels=(128,) * 4, kernel_size=5, patch_size=4),
-    "mmnist-convrnn": dict(cell="convrnn", hidden_channels=(128,) * 4, kernel_size=5, patch_size=4),
+    "mmnist-peephole-convlstm": dict(**_S_LAYOUT, cell="peephole_convlstm"),
+    "mmnist-convgru": dict(**_S_LAYOUT, cell="convgru"),
+    "mmnist-convrnn": dict(**_S_LAYOUT, cell="convrnn"),
     # Lin et al. 2020's Moving MNIST SA-ConvLSTM: 4 layers x 64, 3x3 kernels, 4x4 patches.
     "mmnist-sa-convlstm": dict(
         cell="sa_convlstm", hidden_channels=(64,) * 4, kernel_size=3, patch_size=4
     ),
     # TrajGRU in Shi et al. 2017's encoder-forecaster layout, scaled to 64x64 frames.
     "mmnist-trajgru": dict(
-        architecture="encoder_forecaster",
+        **_EF_LAYOUT,
         cell="trajgru",
-        hidden_channels=(64, 96, 96),
-        kernel_size=3,
-        patch_size=4,
-        stage_strides=(1, 2, 2),
     ),
     # The encoder-forecaster with a bidirectional encoder, and with attention over its states.
     "mmnist-bidirectional-ef": dict(
-        architecture="encoder_forecaster",
+        **_EF_LAYOUT,
         bidirectional=True,
-        hidden_channels=(64, 96, 96),
-        kernel_size=3,
-        patch_size=4,
-        stage_strides=(1, 2, 2),
     ),
     "mmnist-attention-ef": dict(
-        architecture="encoder_forecaster",
+        **_EF_LAYOUT,
         encoder_attention=True,
-        hidden_channels=(64, 96, 96),
-        kernel_size=3,
-        patch_size=4,
-        stage_strides=(1, 2, 2),
     ),
     # FC-LSTM after Srivastava et al. 2015 (2 x 2048 units, conditional future predictor,
     # sigmoid output), the size of Shi et al. 2015's fully connected baseline: 176M parameters
