@@ -135,7 +135,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warmup before "cosine" (onecycle uses pct_start)
     pct_start: float = 0.3  # share of steps that onecycle spends rising to lr
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    loss: Literal["mse", "mae", "bce", "mse+mae"] = "mse"
+    # balanced_mse_mae: Shi et al. 2017's rain-rate-weighted loss, for HKO-7 pixel frames.
+    loss: Literal["mse", "mae", "bce", "mse+mae", "balanced_mse_mae"] = "mse"
     # Also score the predictions made while reading the context (frames 2..Tc), as OpenSTL
     # does (19 frames for 10 -> 10): more signal per sequence. Stacked models only.
     loss_on_context: bool = False
@@ -180,6 +181,14 @@ class TrainConfig:
 _EF_LAYOUT: dict[str, Any] = dict(
     architecture="encoder_forecaster",
     hidden_channels=(64, 96, 96),
+    kernel_size=3,
+    patch_size=4,
+    stage_strides=(1, 2, 2),
+)
+# Shi et al. 2017's radar encoder-forecaster scaled to 128x128 frames (see "radar-ef").
+_RADAR_LAYOUT: dict[str, Any] = dict(
+    architecture="encoder_forecaster",
+    hidden_channels=(64, 192, 192),
     kernel_size=3,
     patch_size=4,
     stage_strides=(1, 2, 2),
@@ -233,6 +242,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_EF_LAYOUT,
         encoder_attention=True,
     ),
+    # Radar nowcasting: Shi et al. 2017's HKO-7 encoder-forecaster (480x480 frames; a 7x7
+    # stride-5 convolution, then recurrent layers of 64, 192 and 192 channels behind strides
+    # 1, 3 and 2; 3x3 state kernels) scaled to 128x128 grids: 4x4 patches make a 32x32 grid,
+    # halved before the second and third layers (32, 16, 8). Frames in HKO-7 pixel units.
+    "radar-ef": dict(**_RADAR_LAYOUT),
+    # The same with Shi et al. 2017's TrajGRU cell (L = 13 links in every layer).
+    "radar-trajgru": dict(**_RADAR_LAYOUT, cell="trajgru"),
+    # The same shape, small enough to train in CPU minutes (the radar experiment's default).
+    "radar-cpu-small": dict(**_RADAR_LAYOUT | dict(hidden_channels=(32, 64, 64), patch_size=8)),
     # FC-LSTM after Srivastava et al. 2015 (2 x 2048 units, conditional future predictor,
     # sigmoid output), the size of Shi et al. 2015's fully connected baseline: 176M parameters
     # here (no peepholes, conditional decoder; Shi et al. report 143M for theirs).

@@ -76,6 +76,31 @@ class Tracker:
         if self._run is not None:
             self._run.log({key: self._wandb.Image(str(path), caption=caption)}, step=step)
 
+    def log_lines(
+        self,
+        key: str,
+        xs: list[float],
+        series: dict[str, list[float]],
+        step: int,
+        *,
+        title: str = "",
+        xname: str = "x",
+    ) -> None:
+        """Log a chart of several named lines over the same x values (e.g. CSI by lead time)."""
+        self._jsonl.write(
+            json.dumps({"step": step, key: {"x": list(xs), **_finite_lists(series)}}) + "\n"
+        )
+        self._jsonl.flush()
+        if self._run is not None:
+            chart = self._wandb.plot.line_series(
+                xs=list(xs),
+                ys=[list(v) for v in series.values()],
+                keys=list(series),
+                title=title or key,
+                xname=xname,
+            )
+            self._run.log({key: chart}, step=step)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self._run is not None:
             for key, value in values.items():
@@ -87,3 +112,9 @@ class Tracker:
             self._run = None
         if not self._jsonl.closed:
             self._jsonl.close()
+
+
+def _finite_lists(series: dict[str, list[float]]) -> dict[str, list[float | None]]:
+    return {
+        k: [float(v) if math.isfinite(float(v)) else None for v in vs] for k, vs in series.items()
+    }

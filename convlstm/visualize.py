@@ -20,7 +20,14 @@ from PIL import Image
 
 from convlstm.errors import ConfigError, ShapeError
 
-__all__ = ["comparison_frames", "save_gif", "save_strip_png"]
+__all__ = [
+    "comparison_frames",
+    "contingency_video",
+    "panel_frames",
+    "save_gif",
+    "save_panels_gif",
+    "save_strip_png",
+]
 
 SEPARATOR_PX = 2
 SEPARATOR_VALUE = 200  # light grey, distinct from both a black and a white background
@@ -30,9 +37,7 @@ ArrayLike = torch.Tensor | np.ndarray
 
 def _to_uint8(video: ArrayLike, name: str) -> np.ndarray:
     """(B, T, C, H, W) on [0, 1] -> uint8 (B, T, H, W, C)."""
-    if isinstance(video, torch.Tensor):
-        video = video.detach().to(device="cpu", dtype=torch.float32).numpy()
-    array = np.asarray(video, dtype=np.float32)
+    array = np.asarray(_numpy(video), dtype=np.float32)
     if array.ndim != 5:
         raise ShapeError(f"{name} must be (B, T, C, H, W), got shape {array.shape}.")
     if array.shape[2] not in (1, 3):
@@ -43,21 +48,27 @@ def _to_uint8(video: ArrayLike, name: str) -> np.ndarray:
     return np.rint(array * 255.0).astype(np.uint8).transpose(0, 1, 3, 4, 2)
 
 
-def _prepare(
-    context: ArrayLike, truth: ArrayLike, forecast: ArrayLike, scale: int
-) -> list[np.ndarray]:
+def _check_scale(scale: int) -> None:
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ConfigError(f"scale must be an integer >= 1, got {scale!r}.")
-    videos = [
-        _to_uint8(v, n) for v, n in ((context, "context"), (truth, "truth"), (forecast, "forecast"))
-    ]
+
+
+def _prepare_panels(panels: dict[str, ArrayLike], scale: int) -> list[np.ndarray]:
+    _check_scale(scale)
+    videos = [_to_uint8(v, n) for n, v in panels.items()]
     shapes = {(v.shape[0],) + v.shape[2:] for v in videos}  # (B, H, W, C) of each
     if len(shapes) != 1:
         raise ShapeError(
-            "context, truth and forecast must share B, C, H and W, got shapes "
+            f"{', '.join(panels)} must share B, C, H and W, got shapes "
             f"{[tuple(v.shape) for v in videos]} as (B, T, H, W, C)."
         )
     return videos
+
+
+def _prepare(
+    context: ArrayLike, truth: ArrayLike, forecast: ArrayLike, scale: int
+) -> list[np.ndarray]:
+    return _prepare_panels({"context": context, "truth": truth, "forecast": forecast}, scale)
 
 
 def _upscale(frame: np.ndarray, scale: int) -> np.ndarray:
@@ -85,15 +96,26 @@ def comparison_frames(
     Returns uint8 (K, H', W') for one channel or (K, H', W', 3) for RGB, where K is the
     longest panel's T.
     """
+    return panel_frames(
+        {"context": context, "truth": truth, "forecast": forecast}, max_sequences, scale
+    )
+
+
+def panel_frames(
+    panels: dict[str, ArrayLike], max_sequences: int = 4, scale: int = 2
+) -> np.ndarray:
+    """Animation frames showing any named panels side by side, like `comparison_frames`."""
     if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1:
         raise ConfigError(f"max_sequences must be an integer >= 1, got {max_sequences!r}.")
-    videos = _prepare(context, truth, forecast, scale)
+    if not panels:
+        raise ConfigError("panel_frames needs at least one panel.")
+    videos = _prepare_panels(panels, scale)
     b, _, h, w, c = videos[0].shape
     rows = min(b, max_sequences)
     ph, pw = h * scale, w * scale
     num_frames = max(v.shape[1] for v in videos)
     height = rows * ph + (rows - 1) * SEPARATOR_PX
-    width = 3 * pw + 2 * SEPARATOR_PX
+    width = len(videos) * pw + (len(videos) - 1) * SEPARATOR_PX
     canvas = np.full((num_frames, height, width, c), SEPARATOR_VALUE, dtype=np.uint8)
     for k in range(num_frames):
         for row in range(rows):
@@ -142,9 +164,17 @@ def save_gif(
     GIF stores frame times in 1/100 s, so the frame time is rounded to 10 ms. Pillow merges
     consecutive identical frames into one longer frame (the animation looks the same).
     """
+    panels = {"context": context, "truth": truth, "forecast": forecast}
+    return save_panels_gif(path, panels, fps=fps, **kw)
+
+
+def save_panels_gif(
+    path: str | os.PathLike, panels: dict[str, ArrayLike], fps: float = 4, **kw
+) -> Path:
+    """Write `panel_frames(panels, **kw)` as a looping animated GIF (see `save_gif`)."""
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
         raise ConfigError(f"fps must be a positive number, got {fps!r}.")
-    frames = comparison_frames(context, truth, forecast, **kw)
+    frames = panel_frames(panels, **kw)
     images = [Image.fromarray(frame) for frame in frames]
     duration = max(10, int(round(100.0 / fps)) * 10)  # ms, a multiple of GIF's 10 ms tick
 
@@ -159,6 +189,28 @@ def save_gif(
         )
 
     return _atomic_write(path, write)
+
+
+def contingency_video(forecast: ArrayLike, truth: ArrayLike, threshold: float) -> np.ndarray:
+    """RGB (B, T, 3, H, W) on [0, 1] of where `forecast` and `truth` reach `threshold`:
+    hits green, misses red, false alarms blue, correct negatives black, NaN truth grey."""
+    f, t = (np.asarray(_numpy(v), dtype=np.float32) for v in (forecast, truth))
+    if f.shape != t.shape or f.ndim != 5 or f.shape[2] != 1:
+        raise ShapeError(
+            f"forecast and truth must both be (B, T, 1, H, W), got {f.shape} and {t.shape}."
+        )
+    fe, te = f >= threshold, t >= threshold
+    rgb = np.zeros(f.shape[:2] + (3,) + f.shape[3:], dtype=np.float32)
+    for channel, where in ((1, fe & te), (0, te & ~fe), (2, fe & ~te)):
+        rgb[:, :, channel] = where[:, :, 0]
+    rgb[np.broadcast_to(np.isnan(t), rgb.shape)] = 0.5
+    return rgb
+
+
+def _numpy(video: ArrayLike) -> np.ndarray:
+    if isinstance(video, torch.Tensor):
+        return video.detach().to(device="cpu", dtype=torch.float32).numpy()
+    return np.asarray(video)
 
 
 def save_strip_png(

@@ -7,14 +7,15 @@ import pytest
 from convlstm.config import PRESETS, TrainConfig, build, from_name
 from convlstm.models import build_model, count_parameters
 from convlstm.training import check_compatible
-from experiments import compare_cells
+from experiments import compare_cells, radar
 from experiments.moving_mnist import RECIPES
 from tests.test_cli import assert_one_line_error, run
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_has_a_recipe_its_model_can_follow(name):
-    check_compatible(from_name(name), build(TrainConfig, RECIPES[name]))
+    recipe = {**RECIPES, **radar.RECIPES}[name]
+    check_compatible(from_name(name), build(TrainConfig, recipe))
 
 
 @pytest.mark.parametrize("variant", sorted(compare_cells.VARIANTS))

@@ -1,10 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from convlstm.errors import ConfigError, ShapeError
-from convlstm.losses import LOSSES, bce, get_loss, mae, mse, mse_mae
+from convlstm.losses import LOSSES, balanced_mse_mae, bce, get_loss, mae, mse, mse_mae
 
 
 def _pair():
@@ -68,3 +69,27 @@ def test_get_loss_names_and_unknown_name():
 def test_shape_mismatch():
     with pytest.raises(ShapeError):
         mse(torch.zeros(1, 2, 1, 4, 4), torch.zeros(1, 1, 1, 4, 4))
+
+
+def test_balanced_mse_mae_against_float64_reference():
+    # Independent recomputation: pixel -> dBZ -> rain rate with HKO-7's Z = 58.53 R^1.56,
+    # weights 1 / 2 / 5 / 10 / 30 from 2 / 5 / 10 / 30 mm/h (Shi et al. 2017).
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 1, 8, 8, generator=gen, dtype=torch.float64)
+    pred = torch.rand(2, 3, 1, 8, 8, generator=gen, dtype=torch.float64)
+    t, p = target.numpy(), pred.numpy()
+    rate = (10 ** ((t * 70 - 10) / 10) / 58.53) ** (1 / 1.56)
+    w = np.select([rate >= 30, rate >= 10, rate >= 5, rate >= 2], [30, 10, 5, 2], default=1)
+    assert len(np.unique(w)) == 5  # every weight class is exercised
+    expected = (w * (p - t) ** 2).mean() + (w * np.abs(p - t)).mean()
+    got = balanced_mse_mae(pred, target)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    assert get_loss("balanced_mse_mae") is balanced_mse_mae
+
+
+def test_balanced_loss_weights_heavy_rain_errors_more():
+    dry, heavy = torch.full((1, 1, 1, 1, 1), 0.1), torch.full((1, 1, 1, 1, 1), 0.75)  # ~0, 45 mm/h
+    assert balanced_mse_mae(heavy - 0.1, heavy) == pytest.approx(
+        30 * balanced_mse_mae(dry - 0.1, dry).item(), rel=1e-5
+    )

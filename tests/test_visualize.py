@@ -124,3 +124,26 @@ def test_strip_png(tmp_path):
     assert np.all(a[16:22, 0:8] == u8(0.3))  # sequence 1's forecast
     with pytest.raises(ConfigError, match="sequence"):
         save_strip_png(tmp_path / "bad.png", ctx, truth, fc, sequence=3)
+
+
+def test_contingency_video_colours():
+    truth = torch.tensor([3.0, 3.0, 0.0, 0.0, float("nan")]).view(1, 1, 1, 1, 5)
+    fc = torch.tensor([3.0, 0.0, 3.0, 0.0, 3.0]).view(1, 1, 1, 1, 5)
+    rgb = vis.contingency_video(fc, truth, threshold=2.0)
+    assert rgb.shape == (1, 1, 3, 1, 5)
+    colours = rgb[0, 0, :, 0].T.tolist()  # one RGB triple per pixel
+    assert colours == [[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0], [0.5, 0.5, 0.5]]
+    with pytest.raises(ShapeError, match="both be"):
+        vis.contingency_video(fc, truth[..., :4], threshold=2.0)
+
+
+def test_panel_gif_has_one_column_per_panel(tmp_path):
+    ctx, truth, fc = _videos(c=3, b=1)
+    path = vis.save_panels_gif(tmp_path / "p.gif", {"a": truth, "b": fc, "c": truth, "d": fc})
+    with Image.open(path) as im:
+        assert im.size == (4 * 4 * 2 + 3 * vis.SEPARATOR_PX, 3 * 2)
+        assert im.n_frames == 4
+    with pytest.raises(ShapeError, match="a, b must share"):
+        vis.panel_frames({"a": truth, "b": fc[..., :2]})
+    with pytest.raises(ConfigError, match="at least one panel"):
+        vis.panel_frames({})
