@@ -192,14 +192,15 @@ def save_panels_gif(
 
 
 def contingency_video(forecast: ArrayLike, truth: ArrayLike, threshold: float) -> np.ndarray:
-    """RGB (B, T, 3, H, W) on [0, 1] of where `forecast` and `truth` reach `threshold`:
-    hits green, misses red, false alarms blue, correct negatives black, NaN truth grey."""
+    """RGB (B, T, 3, H, W) on [0, 1] of where `forecast` and `truth` exceed `threshold` (events
+    are values above it, as in convlstm.verification and pysteps): hits green, misses red,
+    false alarms blue, correct negatives black, NaN truth grey."""
     f, t = (np.asarray(_numpy(v), dtype=np.float32) for v in (forecast, truth))
     if f.shape != t.shape or f.ndim != 5 or f.shape[2] != 1:
         raise ShapeError(
             f"forecast and truth must both be (B, T, 1, H, W), got {f.shape} and {t.shape}."
         )
-    fe, te = f >= threshold, t >= threshold
+    fe, te = f > threshold, t > threshold
     rgb = np.zeros(f.shape[:2] + (3,) + f.shape[3:], dtype=np.float32)
     for channel, where in ((1, fe & te), (0, te & ~fe), (2, fe & ~te)):
         rgb[:, :, channel] = where[:, :, 0]

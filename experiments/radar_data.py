@@ -5,7 +5,10 @@ Real events are the national composites under the radar folder: each frame centr
 to `crop` x `crop` pixels and block-averaged to `grid` x `grid` (a block more than half
 without data is no data). Events named in `train_events` give training windows (every
 start frame, with the 8 flips and rotations of the square); every other event gives held-out
-test windows (`stride` apart) with a mask of the pixels that have data.
+test windows (`stride` apart) with a mask of the pixels that have data. No-data pixels enter
+training as dry (the default training event, BoM 2020-10-31, has none). The events differ in
+step (5, 6, 10 minutes) and pixel size after averaging (4 km FMI/RMI, 2 km BoM): a lead
+time is a frame, not a fixed number of minutes.
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ from typing import Literal
 import numpy as np
 import torch
 
+from convlstm.baselines import DIS_MIN_SIZE
 from convlstm.errors import ConfigError, DataError
 from datasets.radar_io import find_events, radar_root, read_event
-from datasets.radar_synthetic import SyntheticRadarSpec, fixed_test_set, generate
+from datasets.radar_synthetic import (
+    TRAIN_SEED_LIMIT,
+    SyntheticRadarSpec,
+    fixed_test_set,
+    generate,
+)
 from datasets.radar_windows import block_average, crop_center, to_model_units, windows
 
 
@@ -42,8 +51,13 @@ class RadarDataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.real_share < 1.0:
             raise ConfigError(f"real_share must be in (0, 1), got {self.real_share}")
-        if self.grid < 8 or self.crop % self.grid:
-            raise ConfigError(f"crop {self.crop} must be a multiple of grid {self.grid} (>= 8)")
+        if self.train_data != "both" and self.real_share != 0.5:
+            raise ConfigError("real_share applies to train_data=both only")
+        if self.grid < DIS_MIN_SIZE or self.crop % self.grid:
+            raise ConfigError(
+                f"crop {self.crop} must be a multiple of grid {self.grid} (>= {DIS_MIN_SIZE}, "
+                "the optical-flow baseline's smallest grid)"
+            )
         if self.stride < 1 or self.synthetic_test < 1:
             raise ConfigError("stride and synthetic_test must be at least 1")
 
@@ -63,7 +77,12 @@ class RadarData:
 
 
 def event_name(seq) -> str:
+    """ "<format>-<YYYYMMDD>" of the event's first frame, e.g. "fmi-20160928"."""
     return f"{seq.source.split(':')[0]}-{seq.times[0]:%Y%m%d}"
+
+
+def _describe(seqs) -> str:
+    return ", ".join(f"{event_name(s)} ({s.step_minutes} min)" for s in seqs)
 
 
 def synthetic_spec(data: RadarDataConfig, frames: int) -> SyntheticRadarSpec:
@@ -80,12 +99,15 @@ def _real_events(data: RadarDataConfig, frames: int):
         root = radar_root()
         if not root.is_dir():
             return None
-    events = _read_events(str(root.resolve()), data.crop, data.grid)
+    events = read_events(str(root.resolve()), data.crop, data.grid)
+    short = [name for name, seq in events if len(seq) < frames]
+    if short:
+        print(f"left out (fewer than {frames} frames): {', '.join(short)}")
     return [(name, seq) for name, seq in events if len(seq) >= frames] or None
 
 
 @functools.lru_cache(maxsize=2)
-def _read_events(root: str, crop: int, grid: int):
+def read_events(root: str, crop: int, grid: int):
     """Every event under `root`, cropped and block-averaged (read once per process)."""
     return tuple(
         (event_name(seq), seq)
@@ -101,6 +123,8 @@ def _stack(seqs, frames: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     pix, masks = [], []
     for seq in seqs:
         w = windows(seq, frames, 0, stride).frames  # (N, frames, H, W) mm/h, NaN = no data
+        if not len(w):
+            raise DataError(f"{event_name(seq)} has no window of {frames} frames without a gap")
         p, m = to_model_units(w)
         pix.append(p)
         masks.append(m)
@@ -111,6 +135,18 @@ def _stack(seqs, frames: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_radar_data(data: RadarDataConfig, frames: int, batch_size: int, seed: int) -> RadarData:
+    """The training stream and the test sets. The real test set is the same whatever
+    `train_data` says: every event not named in `train_events`."""
+    if not 0 <= seed < TRAIN_SEED_LIMIT:  # larger seeds hold the synthetic test sets
+        raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
+    n_real = {"synthetic": 0, "real": batch_size, "both": round(batch_size * data.real_share)}
+    n_real = n_real[data.train_data]
+    n_synth = batch_size - n_real
+    if data.train_data == "both" and not 0 < n_real < batch_size:
+        raise ConfigError(
+            f"real_share {data.real_share} of batch {batch_size} gives {n_real} real "
+            "sequences: train_data=both needs at least one of each source per batch"
+        )
     spec = synthetic_spec(data, frames)
     test_sets = {
         "synthetic": TestSet(
@@ -126,11 +162,11 @@ def load_radar_data(data: RadarDataConfig, frames: int, batch_size: int, seed: i
             f"train_data={data.train_data} needs the real radar events, found none under "
             f"{where} (set --radar-dir or use --train-data synthetic)"
         )
-    real_train = None
+    real_train, train = None, []
     if events is not None:
         names = [name for name, _ in events]
         unknown = sorted(set(data.train_events) - set(names))
-        if unknown and data.train_data != "synthetic":
+        if unknown:
             raise ConfigError(f"unknown train_events {unknown}; the events are {names}")
         train = [s for n, s in events if n in data.train_events]
         held_out = [s for n, s in events if n not in data.train_events]
@@ -139,18 +175,14 @@ def load_radar_data(data: RadarDataConfig, frames: int, batch_size: int, seed: i
             test_sets["real"] = TestSet(
                 seqs,
                 masks,
-                f"real, held-out events {', '.join(event_name(s) for s in held_out)}: "
+                f"real, held-out events {_describe(held_out)}: "
                 f"{len(seqs)} windows (stride {data.stride}), {data.crop} px crop averaged "
                 f"to {data.grid}x{data.grid}",
             )
         if data.train_data != "synthetic":
             if not train:
-                raise ConfigError(f"train_events {data.train_events} leaves nothing to train on")
+                raise ConfigError("train_events is empty: nothing real to train on")
             real_train = _stack(train, frames, 1)[0]
-
-    n_real = {"synthetic": 0, "real": batch_size, "both": round(batch_size * data.real_share)}
-    n_real = n_real[data.train_data]
-    n_synth = batch_size - n_real
 
     def batches(step: int) -> torch.Tensor:
         parts = []
@@ -164,14 +196,10 @@ def load_radar_data(data: RadarDataConfig, frames: int, batch_size: int, seed: i
                 parts.append(_dihedral(real_train[i : i + 1], k))
         return torch.cat(parts)
 
-    desc = {
-        "synthetic": f"synthetic sequences ({data.grid}x{data.grid}, seed {seed})",
-        "real": f"real events {', '.join(data.train_events)}",
-        "both": f"synthetic sequences and real events {', '.join(data.train_events)} "
-        f"({n_real} of {batch_size} per batch real)",
-    }[data.train_data]
+    desc = f"synthetic sequences ({data.grid}x{data.grid}, seed {seed})"
     if real_train is not None:
-        desc += f"; {len(real_train)} real training windows x 8 flips/rotations"
+        real = f"real events {_describe(train)}: {len(real_train)} windows x 8 flips/rotations"
+        desc = real if n_synth == 0 else f"{desc} and {real} ({n_real} of {batch_size} per batch)"
     return RadarData(batches, desc, test_sets)
 
 

@@ -1,6 +1,7 @@
 """The radar experiment end to end on tiny settings: scores beside both baselines, W&B, GIFs."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -46,9 +47,13 @@ def test_synthetic_run_scores_model_and_both_baselines(synthetic_run):
             assert len(per) == len(radar.THRESHOLDS)
             assert len(per[0]["per_lead"]["csi"]) == 4  # one per lead time
             assert test[method]["balanced"]["b_mse"] >= 0
-        # persistence's first-lead CSI at 0.5 mm/h beats its last (rain moves away)
+        # persistence's first-lead CSI at 0.5 mm/h beats its last (rain moves away), and
+        # following the motion beats standing still at the last lead
         lead = test["persistence"]["scores"]["per_threshold"][0]["per_lead"]["csi"]
-        assert lead[0] > lead[-1], set_name
+        flow = test["optical flow"]["scores"]["per_threshold"][0]["per_lead"]["csi"]
+        assert lead[0] > lead[-1] and flow[-1] > lead[-1], set_name
+        model = test["model"]["scores"]["per_threshold"][0]["per_lead"]["csi"]
+        assert model != lead and model != flow
         assert (out / f"nowcast-{set_name}.gif").stat().st_size > 0
     assert list(saved["tests"]) == ["synthetic"]  # no real events in this run
     assert report["train"]["steps"] == 6
@@ -95,6 +100,47 @@ def test_unknown_training_event_is_refused():
         load_radar_data(RadarDataConfig(grid=32, train_events=("xyz-20200101",)), 7, 4, 0)
 
 
+@needs_radar
+def test_training_on_synthetic_and_real_scores_the_held_out_events(tmp_path):
+    out = tmp_path / "run"
+    argv = [*TINY, "--steps", "2", "--log-every", "1", "--wandb", "disabled", "--out", str(out)]
+    report = radar.main(argv)
+    assert list(report["tests"]) == ["synthetic", "real"]
+    real = report["tests"]["real"]
+    assert "fmi-20160928 (5 min)" in real["desc"] and "bom-20201031" not in real["desc"]
+    assert "bom-20201031 (10 min): 138 windows" in report["train_data"]  # 144 - 7 + 1
+    # no-data pixels are left out: FMI's composites have them, so fewer events are counted
+    # than 39 windows x 4 leads x 32 x 32 pixels
+    counts = real["model"]["scores"]["per_threshold"][0]
+    total = sum(counts[k] for k in ("hits", "misses", "false_alarms", "correct_negatives"))
+    assert 0 < total < real["windows"] * 4 * 32 * 32
+    assert (out / "nowcast-real.gif").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "args, error, fragment",
+    [
+        (["--grid", "16"], ConfigError, "not divisible by patch_size x stage strides (32)"),
+        (["--seed", str(2**32)], ConfigError, "seed must be in [0, 2**32)"),
+        (["--real-share", "0.05"], ConfigError, "at least one of each source"),
+        (["--train-data", "real", "--real-share", "0.3"], ConfigError, "train_data=both only"),
+    ],
+)
+def test_inputs_refused_before_anything_is_written(tmp_path, args, error, fragment):
+    out = tmp_path / "run"
+    with pytest.raises(error, match=re.escape(fragment)):
+        radar.main([*args, "--steps", "1", "--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        radar.main(["--device", "cuda", "--steps", "1", "--out", str(out)])
+    assert not out.exists()
+
+
 def test_dihedral_covers_the_eight_symmetries():
     x = torch.arange(9.0).view(1, 1, 3, 3)
     seen = {tuple(_dihedral(x, k).flatten().tolist()) for k in range(8)}
@@ -104,7 +150,7 @@ def test_dihedral_covers_the_eight_symmetries():
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--thresholds", "0.5", "-1"], "--thresholds must be distinct positive"),
+        (["--thresholds", "0.5", "0.01"], "--thresholds must be distinct rain rates between"),
         (["--fss-scales", "0"], "--fss-scales must be >= 1"),
         (["--radar-dir", "/nonexistent/radar"], "/nonexistent/radar"),
         (["--real-share", "1.5"], "real_share must be in (0, 1)"),
