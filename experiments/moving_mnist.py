@@ -22,7 +22,7 @@ from convlstm.errors import ConfigError
 from convlstm.tracking import Tracker
 from convlstm.training import check_compatible, train
 from experiments.mmnist_data import DataConfig, test_sequences, training_batches
-from experiments.report import evaluate_baselines, print_table, write_json
+from experiments.report import evaluate_baselines, print_table, train_summary, write_json
 
 # Training recipes per preset: overrides of TrainConfig's defaults (flags override these).
 RECIPES: dict[str, dict] = {
@@ -62,7 +62,8 @@ RECIPES["mmnist-fc-lstm"] = dict(
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="mmnist-cpu-small")
+    mmnist = sorted(name for name in PRESETS if name.startswith("mmnist-"))
+    parser.add_argument("--preset", choices=mmnist, default="mmnist-cpu-small")
     parser.add_argument(
         "--out", type=Path, default=None, help="run folder (default runs/<preset>-<time>)"
     )
@@ -143,15 +144,7 @@ def main(argv=None) -> dict:
             "training_digits": train_source,
             "model": result["metrics"],
             "baselines": base,
-            "train": {
-                "steps": train_cfg.steps,
-                "seconds": round(result["train_seconds"], 1),
-                "seq_per_s": round(result["train_seq_per_s"], 2),
-                "device": result["device"],
-                "precision": result["precision"],
-                "parameters": result["parameters"],
-                "losses": result["losses"],
-            },
+            "train": train_summary(result, train_cfg.steps),
             "config": result["config"],
             "files": {
                 "checkpoint": str(result["checkpoint"]),

@@ -33,7 +33,7 @@ from convlstm.training import check_compatible, resolve_device, resolve_precisio
 from convlstm.units import pixel_to_rainrate
 from convlstm.visualize import contingency_video, save_panels_gif
 from experiments.radar_data import RadarDataConfig, load_radar_data
-from experiments.report import write_json
+from experiments.report import train_summary, write_json
 
 RADAR_PRESETS = sorted(name for name in PRESETS if name.startswith("radar-"))
 THRESHOLDS = (0.5, 2.0, 5.0, 10.0, 30.0)  # mm/h, DESIGN.md's
@@ -170,15 +170,7 @@ def main(argv=None) -> dict:
             "thresholds_mmh": list(thresholds),
             "fss_scales_px": list(args.fss_scales),
             "tests": tests,
-            "train": {
-                "steps": train_cfg.steps,
-                "seconds": round(result["train_seconds"], 1),
-                "seq_per_s": round(result["train_seq_per_s"], 2),
-                "device": result["device"],
-                "precision": result["precision"],
-                "parameters": result["parameters"],
-                "losses": result["losses"],
-            },
+            "train": train_summary(result, train_cfg.steps),
             "config": result["config"],
             "files": {
                 "checkpoint": str(result["checkpoint"]),

@@ -31,6 +31,19 @@ def evaluate_baselines(
     }
 
 
+def train_summary(result: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The training part of a metrics report, from `convlstm.training.train`'s result."""
+    return {
+        "steps": steps,
+        "seconds": round(result["train_seconds"], 1),
+        "seq_per_s": round(result["train_seq_per_s"], 2),
+        "device": result["device"],
+        "precision": result["precision"],
+        "parameters": result["parameters"],
+        "losses": result["losses"],
+    }
+
+
 def write_json(path: Path, data: dict) -> Path:
     """Write atomically; NaN (e.g. SSIM of frames under 11 px) becomes null for strict JSON."""
     tmp = path.with_name(f".{path.name}.tmp")
