@@ -654,14 +654,9 @@ def generate(
     normals (NumPy, ~30 %), the inverse FFT of the (250, 250) generation domain (~25 %),
     bicubic sampling (~15 %) and the AR(1) update (~15 %).
     """
-    seed, indices = _check_seed(seed), _check_indices(indices)
-    dev = _device(device)
-    rng = _check_rng(rng, dev)
-    out = torch.empty((len(indices), spec.num_frames, 1, spec.height, spec.width), device=dev)
-    for lo, chunk in _chunks(indices, dev):
-        field, wet = _sampled_field(spec, seed, chunk, dev, rng)
-        thr, spread = _frame0_stats(field, wet)
-        rate = (field - thr).div_(spread).mul_(spec.log_rate_std)  # (B, T, H, W)
+    out, chunks = _standardised(spec, indices, seed, device, rng)
+    for lo, chunk, rate in chunks:
+        rate.mul_(spec.log_rate_std)  # (B, T, H, W)
         # exp and log one sequence at a time: CPU kernels may round an element differently
         # depending on where it falls in the tensor (vector body or scalar tail of a
         # thread's range), and a sequence must not depend on its batch. The other steps
@@ -689,15 +684,27 @@ def latent_field(
     """The Gaussian field behind ``generate``'s rain, standardised at frame 0: float32
     (N, T, 1, H, W) ``(z - thr) / s``, so 0 is the 0.5 mm/h contour and
     ``R = 0.5 exp(log_rate_std * value)`` before ``min_rate`` and ``max_rate``."""
+    out, chunks = _standardised(spec, indices, seed, device, rng)
+    for lo, chunk, field in chunks:
+        out[lo : lo + len(chunk), :, 0] = field
+    return out
+
+
+def _standardised(spec, indices, seed, device, rng):
+    """(empty output (N, T, 1, H, W), an iterator of (first row, indices, (field - thr) / s)
+    per chunk): the checked arguments and the latent field standardised at frame 0."""
     seed, indices = _check_seed(seed), _check_indices(indices)
     dev = _device(device)
     rng = _check_rng(rng, dev)
     out = torch.empty((len(indices), spec.num_frames, 1, spec.height, spec.width), device=dev)
-    for lo, chunk in _chunks(indices, dev):
-        field, wet = _sampled_field(spec, seed, chunk, dev, rng)
-        thr, spread = _frame0_stats(field, wet)
-        out[lo : lo + len(chunk), :, 0] = (field - thr) / spread
-    return out
+
+    def chunks():
+        for lo, chunk in _chunks(indices, dev):
+            field, wet = _sampled_field(spec, seed, chunk, dev, rng)
+            thr, spread = _frame0_stats(field, wet)
+            yield lo, chunk, (field - thr).div_(spread)
+
+    return out, chunks()
 
 
 def fixed_test_set(
