@@ -30,8 +30,14 @@ from convlstm.units import (
     rainrate_to_pixel,
 )
 from datasets import radar_io
-from datasets.radar_io import (
+from datasets.radar_formats import (
     SEVIR_VIL_THRESHOLDS,
+    read_netcdf,
+    read_numpy,
+    read_png_frames,
+    read_sevir_vil,
+)
+from datasets.radar_io import (
     RadarSequence,
     detect_format,
     find_events,
@@ -39,11 +45,7 @@ from datasets.radar_io import (
     read_bom,
     read_event,
     read_fmi,
-    read_netcdf,
-    read_numpy,
     read_odim,
-    read_png_frames,
-    read_sevir_vil,
 )
 from datasets.radar_windows import block_average, crop_center, to_model_units, windows
 
