@@ -186,13 +186,7 @@ _EF_LAYOUT: dict[str, Any] = dict(
     stage_strides=(1, 2, 2),
 )
 # Shi et al. 2017's radar encoder-forecaster scaled to 128x128 frames (see "radar-ef").
-_RADAR_LAYOUT: dict[str, Any] = dict(
-    architecture="encoder_forecaster",
-    hidden_channels=(64, 192, 192),
-    kernel_size=3,
-    patch_size=4,
-    stage_strides=(1, 2, 2),
-)
+_RADAR_LAYOUT: dict[str, Any] = dict(_EF_LAYOUT, hidden_channels=(64, 192, 192))
 # OpenSTL's ConvLSTM-S layout (4 x 128, 5x5 kernels, 4x4 patches), shared by its presets.
 _S_LAYOUT: dict[str, Any] = dict(hidden_channels=(128,) * 4, kernel_size=5, patch_size=4)
 

@@ -36,12 +36,7 @@ def evaluate(
     Returns VideoMetrics.compute(): per-frame-sum and per-pixel MSE/MAE, SSIM, PSNR, averaged
     and per lead time.
     """
-    check_video(sequences, "evaluation sequences")
-    if sequences.shape[1] < context_frames + horizon:
-        raise ShapeError(
-            f"evaluation sequences have {sequences.shape[1]} frames; "
-            f"need context_frames + horizon = {context_frames + horizon}"
-        )
+    _check_sequences(sequences, context_frames + horizon)
     device = torch.device(device)
     metrics = VideoMetrics()
     for start in range(0, sequences.shape[0], batch_size):
@@ -76,12 +71,7 @@ def evaluate_nowcast(
     pooled over the whole set; B-MSE and B-MAE on the pixel values with HKO-7's weights.
     `masks` (N, T, 1, H, W) bool marks valid pixels (False = no data, left out of every score).
     """
-    check_video(sequences, "evaluation sequences")
-    if sequences.shape[1] < context_frames + horizon:
-        raise ShapeError(
-            f"evaluation sequences have {sequences.shape[1]} frames; "
-            f"need context_frames + horizon = {context_frames + horizon}"
-        )
+    _check_sequences(sequences, context_frames + horizon)
     if masks is not None and masks.shape != sequences.shape:
         raise ShapeError(
             f"masks of shape {tuple(masks.shape)} do not match the sequences' "
@@ -104,6 +94,15 @@ def evaluate_nowcast(
         scores.update(pixel_to_rainrate(preds, zr), truth_rate, mask=mask)
         balanced.update(preds, truth, truth_rate, mask=mask)
     return {"scores": scores.compute(), "balanced": balanced.compute()}
+
+
+def _check_sequences(sequences: Tensor, frames: int) -> None:
+    check_video(sequences, "evaluation sequences")
+    if sequences.shape[1] < frames:
+        raise ShapeError(
+            f"evaluation sequences have {sequences.shape[1]} frames; "
+            f"need context_frames + horizon = {frames}"
+        )
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

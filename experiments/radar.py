@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     if (out / "checkpoint.pt").exists():
         raise ConfigError(f"{out} already holds a run; pass another --out")
     check_compatible(model_cfg, train_cfg)
-    resolve_device(train_cfg.device)  # an unavailable device fails here, before any output
+    device = resolve_device(train_cfg.device)  # an unavailable one fails before any output
     cell = model_cfg.patch_size * math.prod(model_cfg.stage_strides)
     if data_cfg.grid % cell:
         raise ConfigError(
@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         )
 
     frames = train_cfg.context_frames + train_cfg.horizon
-    data = load_radar_data(data_cfg, frames, train_cfg.batch_size, train_cfg.seed)
+    data = load_radar_data(data_cfg, frames, train_cfg.batch_size, train_cfg.seed, device)
     print(f"preset {args.preset}; training on {data.train_desc}")
     for name, test in data.test_sets.items():
         print(f"test set {name}: {test.desc}")
@@ -125,7 +125,6 @@ def main(argv=None) -> dict:
             extra_config=extra,
         )
         model = result["model"].eval()
-        device = next(model.parameters()).device
         amp_dtype, _ = resolve_precision(train_cfg.precision, device)
         predictors = {
             "model": model,

@@ -134,9 +134,16 @@ def _stack(seqs, frames: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def load_radar_data(data: RadarDataConfig, frames: int, batch_size: int, seed: int) -> RadarData:
+def load_radar_data(
+    data: RadarDataConfig,
+    frames: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> RadarData:
     """The training stream and the test sets. The real test set is the same whatever
-    `train_data` says: every event not named in `train_events`."""
+    `train_data` says: every event not named in `train_events`. Training batches are made
+    on `device` (the synthetic generator runs there, so a GPU is not fed by the CPU)."""
     if not 0 <= seed < TRAIN_SEED_LIMIT:  # larger seeds hold the synthetic test sets
         raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
     n_real = {"synthetic": 0, "real": batch_size, "both": round(batch_size * data.real_share)}
@@ -182,12 +189,13 @@ def load_radar_data(data: RadarDataConfig, frames: int, batch_size: int, seed: i
         if data.train_data != "synthetic":
             if not train:
                 raise ConfigError("train_events is empty: nothing real to train on")
-            real_train = _stack(train, frames, 1)[0]
+            real_train = _stack(train, frames, 1)[0].to(device)
 
     def batches(step: int) -> torch.Tensor:
         parts = []
         if n_synth:  # the synthetic stream: sequences step*B .. of the training seed
-            parts.append(generate(spec, range(step * n_synth, (step + 1) * n_synth), seed))
+            indices = range(step * n_synth, (step + 1) * n_synth)
+            parts.append(generate(spec, indices, seed, device))
         if n_real:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
             pick = torch.randint(len(real_train), (n_real,), generator=gen)
