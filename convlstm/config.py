@@ -142,6 +142,16 @@ class TrainConfig:
     loss_on_context: bool = False
     # "auto": bf16 autocast on CUDA, fp32 elsewhere; "fp16" adds a gradient scaler.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # "eager": the readable reference. "fast": the same arithmetic run faster (convlstm.speed:
+    # hoisted input convolutions, channels-last; on CUDA also compiled gates, a fused
+    # optimizer and the forward + backward replayed as one CUDA graph).
+    path: Literal["eager", "fast"] = "eager"
+    # Recompute each recurrent step's activations in backward instead of storing them.
+    activation_checkpointing: bool = False
+    # Seconds of training (compilation and warm-up included, evaluation not): when > 0, the
+    # run is timed over its first steps and then sized to the budget; steps, the schedule
+    # and the scheduled-sampling decay (which keeps its share ss_decay_steps / steps) follow.
+    time_budget: float = 0.0
     # Scheduled sampling (OpenSTL): each forecast step is fed the true previous frame with
     # probability p, else the model's own prediction; p falls linearly from ss_start to 0
     # over ss_decay_steps (OpenSTL: 1.0 -> 0 at 2e-5 per iteration, i.e. 50k steps).
@@ -175,6 +185,10 @@ class TrainConfig:
             raise ConfigError(f"log_every must be at least 1, got {self.log_every}")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.time_budget < 0 or not math.isfinite(self.time_budget):
+            raise ConfigError(
+                f"time_budget must be a number of seconds >= 0, got {self.time_budget}"
+            )
 
 
 # Shi et al. 2017's encoder-forecaster layout scaled to 64x64 frames, shared by its presets.

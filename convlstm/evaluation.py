@@ -105,8 +105,9 @@ def _check_sequences(sequences: Tensor, frames: int) -> None:
         )
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast for a reduced dtype, or a no-op context for full precision."""
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """torch.autocast for a reduced dtype, or a no-op context for full precision. CUDA graph
+    capture needs cache=False (no cast weights kept from outside the graph)."""
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)

@@ -19,7 +19,16 @@ def check_video(x: Tensor, name: str = "frames") -> None:
 
 
 class ConvRNN(nn.Module):
-    """Runs one cell over the time axis, with explicit state in and out."""
+    """Runs one cell over the time axis, with explicit state in and out.
+
+    With `hoist` (set by convlstm.speed.apply_speed), a cell that has `project_input` and more
+    than one frame, the input-to-state convolution runs once over all T frames (one large
+    convolution instead of T small ones) and each step adds only the state-to-state part; a
+    step that starts from the zero state skips that part. The same function as the per-step
+    reference.
+    """
+
+    hoist = False
 
     def __init__(self, cell: nn.Module) -> None:
         super().__init__()
@@ -27,9 +36,23 @@ class ConvRNN(nn.Module):
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         check_video(x, "ConvRNN input")
+        cell = self.cell
+        b, t = x.shape[:2]
         outputs = []
-        for t in range(x.shape[1]):
-            h, state = self.cell(x[:, t], state)  # (B, C_hid, H, W)
+        if self.hoist and t > 1 and hasattr(cell, "project_input") and cell.in_channels > 0:
+            zero_state = state is None
+            state = cell.prepare_state(x[:, 0], state)  # shape checks; zeros if None
+            weights = cell.split_weights()
+            projected = cell.project_input(x.flatten(0, 1), weights).unflatten(0, (b, t))
+            for i in range(t):  # projected[:, i]: (B, gates * C_hid, H, W)
+                state = cell.run_step(
+                    cell.step_projected, projected[:, i], state, weights, zero_state
+                )
+                zero_state = False
+                outputs.append(state[0])
+            return torch.stack(outputs, dim=1), state
+        for i in range(t):
+            h, state = cell(x[:, i], state)  # (B, C_hid, H, W)
             outputs.append(h)
         return torch.stack(outputs, dim=1), state  # (B, T, C_hid, H, W)
 

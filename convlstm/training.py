@@ -4,6 +4,7 @@ clip -> step -> log -> evaluate -> checkpoint. Every feature is a TrainConfig fi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -21,6 +22,7 @@ from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast, evaluate
 from convlstm.losses import get_loss
 from convlstm.models import MODELS, build_model, count_parameters
+from convlstm.speed import GraphedStep, SpeedOptions, apply_speed
 from convlstm.tracking import Tracker
 from convlstm.visualize import save_gif
 
@@ -47,9 +49,12 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     }[precision]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, fused: bool = False
+) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    extra = {"fused": True} if fused else {}
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int = 0):
@@ -90,7 +95,16 @@ def teacher_mask(cfg: TrainConfig, step: int, batch: int, device: torch.device) 
     if p == 0.0 or cfg.horizon < 2:
         return None
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    return (torch.rand(batch, cfg.horizon - 1, generator=gen) < p).to(device)
+    mask = torch.rand(batch, cfg.horizon - 1, generator=gen) < p
+    if device.type == "cuda":  # pinned: the copy does not wait for the GPU
+        return mask.pin_memory().to(device, non_blocking=True)
+    return mask.to(device)
+
+
+def fit_to_budget(cfg: TrainConfig, total_steps: int) -> TrainConfig:
+    """cfg resized to `total_steps`; the scheduled-sampling decay keeps its share of the run."""
+    decay = round(cfg.ss_decay_steps * total_steps / cfg.steps)
+    return dataclasses.replace(cfg, steps=total_steps, ss_decay_steps=decay)
 
 
 def check_compatible(model_config: ModelConfig, cfg: TrainConfig) -> None:
@@ -109,6 +123,72 @@ def check_compatible(model_config: ModelConfig, cfg: TrainConfig) -> None:
         )
     if cfg.loss == "bce" and model_config.output_activation != "sigmoid":
         raise ConfigError("loss=bce needs output_activation=sigmoid (predictions in [0, 1])")
+    if cfg.path == "fast" and cfg.precision == "fp16" and resolve_device(cfg.device).type == "cuda":
+        raise ConfigError(
+            "path=fast replays CUDA graphs, which the fp16 gradient scaler "
+            "cannot run in: use precision=bf16 or fp32"
+        )
+
+
+class TrainStep:
+    """One optimizer step on a batch: forward (autocast) -> loss -> backward -> clip -> step.
+    With speed.cuda_graph the forward and backward are one CUDA graph, captured at the first
+    call and replayed after (the batch shape must then stay the same)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        speed: SpeedOptions,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        feeds_back: bool,
+    ) -> None:
+        self.model, self.cfg, self.optimizer, self.scaler = model, cfg, optimizer, scaler
+        self.speed, self.device, self.amp_dtype = speed, device, amp_dtype
+        self.feeds_back = feeds_back
+        self.loss_fn = get_loss(cfg.loss)
+        self.graphed: GraphedStep | None = None
+
+    def forward_loss(self, batch: Tensor, mask: Tensor | None) -> Tensor:
+        """The training loss of one batch (B, T, C, H, W) under the teacher mask."""
+        cfg, model = self.cfg, self.model
+        frames_needed = cfg.context_frames + cfg.horizon
+        context = batch[:, : cfg.context_frames]  # (B, Tc, C, H, W)
+        target = batch[:, cfg.context_frames : frames_needed]  # (B, horizon, C, H, W)
+        with autocast(self.device, self.amp_dtype, cache=not self.speed.cuda_graph):
+            if cfg.loss_on_context:
+                state, seen = model.encode_with_predictions(context)  # seen[:, t] ~ frame t+1
+                preds = model.forecast(state, cfg.horizon, targets=target, teacher_mask=mask)
+                preds = torch.cat([seen[:, :-1], preds], dim=1)  # frames 1 .. Tc+horizon-1
+            else:
+                preds = model(context, cfg.horizon, targets=target, teacher_mask=mask)
+        truth = batch[:, frames_needed - preds.shape[1] : frames_needed]
+        return self.loss_fn(preds.float(), truth)  # outside autocast: losses run in fp32
+
+    def __call__(self, batch: Tensor, mask: Tensor | None) -> Tensor:
+        """Train on `batch` (on the device); returns the loss, still on the device."""
+        if self.speed.cuda_graph:
+            if not self.feeds_back:
+                mask = None
+            elif mask is None:  # the graph always reads a mask: all False here
+                shape = (batch.shape[0], self.cfg.horizon - 1)
+                mask = torch.zeros(shape, dtype=torch.bool, device=batch.device)
+            if self.graphed is None:
+                self.graphed = GraphedStep(self.forward_loss, self.model, batch, mask)
+            loss = self.graphed(batch, mask)  # writes every .grad: no zero_grad here
+        else:
+            loss = self.forward_loss(batch, mask)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss
 
 
 def train(
@@ -121,8 +201,11 @@ def train(
     tracker: Tracker | None = None,
     resume: str | Path | None = None,
     extra_config: dict[str, Any] | None = None,
+    speed: SpeedOptions | None = None,
 ) -> dict[str, Any]:
     """Train a model from `model_config`; returns the model, final metrics and timings.
+
+    `speed` overrides the execution options that cfg.path chooses (the benchmark's ablations).
 
     Writes `<out_dir>/checkpoint.pt` (every `checkpoint_every` steps and at the end) and
     `<out_dir>/forecast.gif` (context | truth | forecast on the first evaluation sequences).
@@ -130,11 +213,19 @@ def train(
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
-    loss_fn = get_loss(cfg.loss)
     check_compatible(model_config, cfg)
+    if speed is None:
+        speed = SpeedOptions.for_path(cfg.path, device, cfg.activation_checkpointing)
+    speed.check(device)
+    if speed.cuda_graph and use_scaler:
+        raise ConfigError("cuda_graph cannot run the fp16 gradient scaler: use bf16 or fp32")
+    if cfg.time_budget and resume is not None:
+        raise ConfigError("time_budget sizes a fresh run; resume with steps instead")
+    if device.type == "cuda" and speed != SpeedOptions(checkpointing=speed.checkpointing):
+        torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN time its algorithms
     torch.manual_seed(cfg.seed)
-    model = build_model(model_config).to(device)
-    optimizer = make_optimizer(model, cfg)
+    model = apply_speed(build_model(model_config).to(device), speed)
+    optimizer = make_optimizer(model, cfg, fused=speed.fused_optimizer)
     scheduler = make_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
@@ -193,6 +284,9 @@ def train(
         return metrics
 
     frames_needed = cfg.context_frames + cfg.horizon
+    feeds_back = MODELS[model_config.architecture].feeds_back
+
+    train_step = TrainStep(model, cfg, optimizer, scaler, speed, device, amp_dtype, feeds_back)
     progress = tqdm(
         total=cfg.steps, initial=start_step, desc="train", disable=None, file=sys.stderr
     )
@@ -201,44 +295,42 @@ def train(
     window_loss = torch.zeros((), device=device)
     window_start, window_steps = time.perf_counter(), 0
     train_start = time.perf_counter()
+    paused_total = 0.0  # seconds spent evaluating and saving, not training
+    # time_budget: time steps [calibrate[0], calibrate[1]) once warm, then size the run.
+    calibrate = (start_step + 5, start_step + 25) if cfg.time_budget else None
+    calibration_start = 0.0
     losses: list[tuple[int, float]] = []  # (step, mean loss over the log window)
     throughput: list[tuple[int, float]] = []  # (step, training sequences/s over the window)
     metrics: dict[str, Any] = {}
-    for step in range(start_step, cfg.steps):
+    step = start_step
+    while step < cfg.steps:
         batch = train_batches(step)  # (B, T, C, H, W)
         if batch.shape[1] < frames_needed:
             raise ConfigError(
                 f"training sequences have {batch.shape[1]} frames; need {frames_needed}"
             )
         batch = batch.to(device, non_blocking=True)
-        context = batch[:, : cfg.context_frames]  # (B, Tc, C, H, W)
-        target = batch[:, cfg.context_frames : frames_needed]  # (B, horizon, C, H, W)
         mask = teacher_mask(cfg, step, batch.shape[0], device)
-
-        with autocast(device, amp_dtype):
-            if cfg.loss_on_context:
-                state, seen = model.encode_with_predictions(context)  # seen[:, t] ~ frame t+1
-                preds = model.forecast(state, cfg.horizon, targets=target, teacher_mask=mask)
-                preds = torch.cat([seen[:, :-1], preds], dim=1)  # frames 1 .. Tc+horizon-1
-            else:
-                preds = model(context, cfg.horizon, targets=target, teacher_mask=mask)
-        truth = batch[:, frames_needed - preds.shape[1] : frames_needed]
-        loss = loss_fn(preds.float(), truth)  # outside autocast: losses run in fp32
-
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        loss = train_step(batch, mask)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used (a float: no sync)
         scheduler.step()
 
         window_loss += loss.detach()  # stays on the device: no host sync per step
         window_steps += 1
         progress.update(1)
-        done = step + 1
+        step = done = step + 1
+        if calibrate is not None and done in calibrate:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # twice per run: the clock must see the GPU
+            now = time.perf_counter()
+            if done == calibrate[0]:
+                calibration_start = now
+            else:
+                per_step = (now - calibration_start) / (calibrate[1] - calibrate[0])
+                left = cfg.time_budget - (now - train_start - paused_total)
+                cfg = fit_to_budget(cfg, done + max(0, int(left / per_step)))
+                scheduler = make_scheduler(optimizer, cfg, done)
+                progress.total = cfg.steps
         if done % cfg.log_every == 0 or done == cfg.steps:
             mean_loss = (window_loss / window_steps).item()
             elapsed = time.perf_counter() - window_start
@@ -249,7 +341,7 @@ def train(
             stats = {
                 "train/loss": mean_loss,
                 "train/lr": lr,
-                "train/teacher_prob": teacher_probability(cfg, step),
+                "train/teacher_prob": teacher_probability(cfg, step - 1),
                 "train/seq_per_s": throughput[-1][1],
             }
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats['train/lr']:.2e}")
@@ -263,12 +355,17 @@ def train(
                 tracker.log(stats, step=done)
             window_loss.zero_()
             window_start, window_steps = time.perf_counter(), 0
+            spent = time.perf_counter() - train_start - paused_total
+            if cfg.time_budget and spent > cfg.time_budget and done < cfg.steps:
+                cfg = dataclasses.replace(cfg, steps=done)  # the estimate ran over: stop here
         paused = time.perf_counter()  # evaluation and saving are not counted as training speed
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             metrics = run_eval(done)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
             checkpoint(done, metrics)
-        window_start += time.perf_counter() - paused
+        paused = time.perf_counter() - paused
+        window_start += paused
+        paused_total += paused
     progress.close()
     train_seconds = time.perf_counter() - train_start
     steps_run = cfg.steps - start_step
@@ -291,6 +388,7 @@ def train(
         "gif": gif_path,
         "device": str(device),
         "precision": "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+        "speed": speed.describe(),
         "parameters": count_parameters(model),
         "train_seconds": train_seconds,
         "train_seq_per_s": steps_run * cfg.batch_size / train_seconds if steps_run else 0.0,

@@ -39,6 +39,7 @@ __all__ = [
     "trajectories",
     "generate_sequence",
     "generate_batch",
+    "DeviceMovingMNIST",
     "fixed_test_set",
     "load_standard_test_set",
 ]
@@ -156,21 +157,29 @@ def trajectories(seed: int, index: int, spec: MovingMNISTSpec = MovingMNISTSpec(
     return _bounce(start, velocity, spec.num_frames)
 
 
+def _placements(
+    num_digit_images: int, seed: int, indices: Sequence[int], spec: MovingMNISTSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left pixels (B, T, D, 2) and digit choices (B, D) of sequences `indices`."""
+    d = spec.num_digits
+    u = np.stack([_uniforms(seed, index, d) for index in indices])  # (B, 4D)
+    starts, velocities = _motion(u, spec)  # (B, D, 2) each
+    # floor(u * N) with u in [0, 1) is uniform over the N digits (to within 2**-53).
+    choices = np.minimum((u[:, 3 * d :] * num_digit_images).astype(np.intp), num_digit_images - 1)
+    # One bounce loop for the whole batch: the arithmetic is elementwise, so each
+    # sequence gets exactly the positions it would get alone.
+    pix = np.rint(_bounce(starts, velocities, spec.num_frames) * spec.free_range).astype(np.intp)
+    return pix.transpose(1, 0, 2, 3), choices  # (B, T, D, 2), (B, D)
+
+
 def _render_uint8(
     digits: np.ndarray, seed: int, indices: Sequence[int], spec: MovingMNISTSpec
 ) -> np.ndarray:
     """Sequences as uint8 (B, T, canvas, canvas)."""
     digits = _check_digits(digits, spec)
     b, t, d, s = len(indices), spec.num_frames, spec.num_digits, spec.digit_size
-    u = np.stack([_uniforms(seed, index, d) for index in indices])  # (B, 4D)
-    starts, velocities = _motion(u, spec)  # (B, D, 2) each
-    uniforms = u[:, 3 * d :]  # (B, D)
-    # floor(u * N) with u in [0, 1) is uniform over the N digits (to within 2**-53).
-    choices = np.minimum((uniforms * len(digits)).astype(np.intp), len(digits) - 1)  # (B, D)
-    # One bounce loop for the whole batch: the arithmetic is elementwise, so each
-    # sequence gets exactly the positions it would get alone.
-    pix = np.rint(_bounce(starts, velocities, t) * spec.free_range).astype(np.intp)  # (T,B,D,2)
-    pix = pix.transpose(1, 0, 2, 3).reshape(b * t, d, 2)  # (B*T, D, 2), frame-major per seq
+    pix, choices = _placements(len(digits), seed, indices, spec)
+    pix = pix.reshape(b * t, d, 2)  # (B*T, D, 2), frame-major per seq
     out = np.zeros((b * t, spec.canvas, spec.canvas), dtype=np.uint8)
     # win[n, r, c] is the s x s window of frame n whose top-left pixel is (r, c); indexing
     # it with one (n, r, c) per frame moves whole windows at once (6x faster than a loop
@@ -185,6 +194,55 @@ def _render_uint8(
         else:
             win[frame, r, c] = np.maximum(win[frame, r, c], images)  # overlap: pixel-wise max
     return out.reshape(b, t, spec.canvas, spec.canvas)
+
+
+class DeviceMovingMNIST:
+    """The same sequences as `generate_batch`, drawn on a torch device (a GPU): the few
+    random numbers per sequence come from the same NumPy streams on the host, and the frames
+    are rendered on the device in one vectorised gather, so a GPU is fed without copying
+    frames over the bus. `batch(seed, indices)` equals `generate_batch(...).to(device)`.
+    """
+
+    def __init__(
+        self,
+        digits: np.ndarray,
+        device: torch.device | str,
+        spec: MovingMNISTSpec = MovingMNISTSpec(),
+    ) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.count = len(_check_digits(digits, spec))
+        self.digits = torch.from_numpy(np.ascontiguousarray(digits)).to(self.device)
+        offsets = torch.arange(spec.canvas, device=self.device)
+        self.offsets = offsets  # canvas rows / columns
+
+    def batch(self, seed: int, indices: Sequence[int]) -> torch.Tensor:
+        """Sequences ``indices`` of ``seed`` as float32 (B, T, 1, H, W) on the device."""
+        indices = list(indices)
+        if not indices:
+            raise DataError("DeviceMovingMNIST.batch needs at least one index")
+        spec = self.spec
+        pix, choices = _placements(self.count, seed, indices, spec)
+        packed = torch.from_numpy(
+            np.concatenate([pix.reshape(len(indices), -1), choices], axis=1).astype(np.int32)
+        )
+        if self.device.type == "cuda":  # pinned: the copy does not wait for the GPU
+            packed = packed.pin_memory()
+        packed = packed.to(self.device, non_blocking=True).long()
+        b, t, d, s = len(indices), spec.num_frames, spec.num_digits, spec.digit_size
+        pix_t = packed[:, : t * d * 2].view(b, t, d, 2)
+        choice_t = packed[:, t * d * 2 :]  # (B, D)
+        # Canvas pixel (y, x) shows row y - top, column x - left of the digit where in range.
+        rows = self.offsets.view(1, 1, 1, -1) - pix_t[..., 0:1]  # (B, T, D, canvas)
+        cols = self.offsets.view(1, 1, 1, -1) - pix_t[..., 1:2]
+        inside = ((rows >= 0) & (rows < s)).unsqueeze(-1) & ((cols >= 0) & (cols < s)).unsqueeze(-2)
+        flat = (
+            choice_t.view(b, 1, d, 1, 1) * (s * s)
+            + rows.clamp(0, s - 1).unsqueeze(-1) * s
+            + cols.clamp(0, s - 1).unsqueeze(-2)
+        )  # (B, T, D, canvas, canvas) indices into the flattened digit images
+        frames = torch.where(inside, self.digits.view(-1)[flat], 0).amax(dim=2)  # overlap: max
+        return frames.to(torch.float32).div_(255.0).unsqueeze(2)  # (B, T, 1, H, W)
 
 
 def generate_sequence(

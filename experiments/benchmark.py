@@ -1,82 +1,401 @@
-"""Training throughput of a preset: sequences/s in steady state, on CPU or CUDA.
+"""Speed of ConvLSTM training and inference, the eager reference against the fast path.
 
-    python -m experiments.benchmark --preset mmnist-convlstm-s --batch-size 16 --steps 30
+    python -m experiments.benchmark                          # ConvLSTM-S at batch 16 and 64
+    python -m experiments.benchmark --device cpu --preset mmnist-cpu-small --batch-sizes 16
 
-Runs the real training loop on generated Moving MNIST with the model fed its own predictions
-(OpenSTL's semantics once scheduled sampling has ended) and the loss on all 19 frames, and
-reports the rate of the last log window, after the warm-up steps.
+Measures, in order: the matrix-product ceiling of the device (bf16 on CUDA, fp32 on the
+CPU); the FLOPs of one training sequence (torch's FLOP counter, forward and backward); the
+training rate of each path at each batch size, with TFLOP/s, share of the ceiling, peak
+memory and warm-up time (compilation and graph capture); the latency of one streaming step
+at batch 1 and the forecast rate; and the Moving MNIST generator's rate. Training follows
+OpenSTL's semantics once scheduled sampling has ended: the loss covers all 19 predicted
+frames and every forecast step is fed the model's own previous prediction. One table last;
+--out also writes the numbers as JSON.
 """
 
 from __future__ import annotations
 
-import tempfile
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from convlstm.cli import ArgumentParser, run_main
 from convlstm.config import PRESETS, TrainConfig, build, from_name
-from convlstm.training import train
-from experiments.mmnist_data import DataConfig, test_sequences, training_batches
+from convlstm.errors import ConfigError
+from convlstm.evaluation import autocast
+from convlstm.models import MODELS, build_model
+from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed
+from convlstm.training import (
+    TrainStep,
+    make_optimizer,
+    resolve_device,
+    resolve_precision,
+)
+from datasets.mnist import load_mnist
+from datasets.moving_mnist import DeviceMovingMNIST, MovingMNISTSpec, generate_batch
+
+
+def _fast(device: torch.device, **changes: bool) -> SpeedOptions:
+    return dataclasses.replace(SpeedOptions.for_path("fast", device), **changes)
+
+
+# name -> (precision, options on a device); "fast" is what TrainConfig.path="fast" runs there,
+# and "auto" precision is bf16 on CUDA, fp32 on the CPU.
+VARIANTS: dict[str, tuple[str, Callable[[torch.device], SpeedOptions]]] = {
+    "eager-fp32": ("fp32", lambda device: SpeedOptions()),
+    "eager-bf16": ("bf16", lambda device: SpeedOptions()),
+    "fast": ("auto", _fast),
+    "fast-no-graph": ("bf16", lambda device: _fast(device, cuda_graph=False)),
+    "fast-no-fused-gates": ("bf16", lambda device: _fast(device, fused_gates=False)),
+    "fast-checkpointing": ("auto", lambda device: _fast(device, checkpointing=True)),
+    "cpu-hoist-only": ("fp32", lambda device: SpeedOptions(hoist=True)),
+    "cpu-channels-last-only": ("fp32", lambda device: SpeedOptions(channels_last=True)),
+    "cpu-fast-compiled-gates": ("fp32", lambda device: _fast(device, fused_gates=True)),
+}
+DEFAULT_VARIANTS = {
+    "cuda": [
+        "eager-fp32",
+        "eager-bf16",
+        "fast",
+        "fast-no-graph",
+        "fast-no-fused-gates",
+        "fast-checkpointing",
+    ],
+    "cpu": ["eager-fp32", "fast", "cpu-hoist-only", "cpu-fast-compiled-gates"],
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(device: torch.device) -> tuple[float, str]:
+    """Measured TFLOP/s of a large matrix product: bf16 8192^3 on CUDA, fp32 2048^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)  # random data, never zeros
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 10 if device.type == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    seconds = (time.perf_counter() - start) / reps
+    return 2 * n**3 / seconds / 1e12, f"{str(dtype).removeprefix('torch.')} {n}^3"
+
+
+def resolve_variant(name: str, device: torch.device) -> tuple[str, SpeedOptions]:
+    precision, options = VARIANTS[name]
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return precision, options(device)
+
+
+def train_config(batch: int, precision: str, device: torch.device) -> TrainConfig:
+    return build(
+        TrainConfig,
+        dict(
+            batch_size=batch,
+            precision=precision,
+            device=str(device),
+            loss_on_context=True,
+            scheduled_sampling="none",
+            wandb="disabled",
+        ),
+    )
+
+
+def flops_per_sequence(preset: str, device: torch.device) -> float:
+    """FLOPs of one training sequence (forward and backward, eager fp32, batch 1)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model_cfg = from_name(preset)
+    cfg = train_config(1, "fp32", device)
+    model = build_model(model_cfg).to(device)
+    step = _train_step(model, model_cfg, cfg, SpeedOptions(), device)
+    frames = torch.rand(1, cfg.context_frames + cfg.horizon, 1, 64, 64, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step.forward_loss(frames, None).backward()
+    return float(counter.get_total_flops())
+
+
+def _train_step(model, model_cfg, cfg, options, device) -> TrainStep:
+    amp_dtype, _ = resolve_precision(cfg.precision, device)
+    optimizer = make_optimizer(model, cfg, fused=options.fused_optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    feeds_back = MODELS[model_cfg.architecture].feeds_back
+    return TrainStep(model, cfg, optimizer, scaler, options, device, amp_dtype, feeds_back)
+
+
+def time_training(
+    preset: str,
+    batch: int,
+    precision: str,
+    options: SpeedOptions,
+    device: torch.device,
+    batches: list[torch.Tensor],
+    seconds: float,
+) -> dict[str, Any]:
+    """Training sequences/s in steady state, after warm-up (compilation, graph capture)."""
+    torch.manual_seed(0)
+    model_cfg = from_name(preset)
+    cfg = train_config(batch, precision, device)
+    model = apply_speed(build_model(model_cfg).to(device), options)
+    step = _train_step(model, model_cfg, cfg, options, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i in range(5):
+        loss = step(batches[i % len(batches)], None)
+    sync(device)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(3):
+        step(batches[i % len(batches)], None)
+    sync(device)
+    estimate = (time.perf_counter() - start) / 3
+    count = max(3, int(seconds / estimate))
+    start = time.perf_counter()
+    for i in range(count):
+        loss = step(batches[i % len(batches)], None)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {
+        "train_seq_per_s": count * batch / elapsed,
+        "steps_timed": count,
+        "warmup_s": warmup,
+        "peak_memory_gib": peak,
+        "final_loss": float(loss.detach()),
+    }
+
+
+def time_inference(
+    preset: str,
+    options: SpeedOptions,
+    precision: str,
+    device: torch.device,
+    seconds: float,
+    batch: int,
+) -> dict[str, Any]:
+    """Streaming latency (one frame in, the next out, batch 1) and forecast rate (`batch`
+    sequences: 10 context frames in, 10 frames out)."""
+    torch.manual_seed(0)
+    model_cfg = from_name(preset)
+    model = apply_speed(build_model(model_cfg).to(device), options).eval()
+    amp_dtype, _ = resolve_precision(precision, device)
+    shape = (1, model_cfg.in_channels, 64, 64)
+    frames = torch.rand(64, *shape, device=device)
+    graph = options.cuda_graph
+    stream = StreamingPredictor(model, shape, autocast_dtype=amp_dtype, graph=graph)
+
+    def run_stream(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        for i in range(n):
+            stream(frames[i % len(frames)])
+        sync(device)
+        return (time.perf_counter() - start) / n
+
+    run_stream(5)
+    per_step = run_stream(max(5, int(seconds / 2 / max(run_stream(3), 1e-5))))
+    context = torch.rand(batch, 10, *shape[1:], device=device)
+
+    def forecast() -> None:
+        with torch.no_grad(), autocast(device, amp_dtype):
+            model(context, 10)
+
+    forecast()
+    sync(device)
+    start = time.perf_counter()
+    forecast()
+    sync(device)
+    count = max(2, int(seconds / 2 / (time.perf_counter() - start)))
+    start = time.perf_counter()
+    for _ in range(count):
+        forecast()
+    sync(device)
+    return {
+        "stream_step_ms": per_step * 1e3,
+        "forecast_seq_per_s": count * batch / (time.perf_counter() - start),
+    }
+
+
+def generator_rate(device: torch.device, batch: int, mnist_dir: str | None) -> float:
+    """Moving MNIST training sequences/s (20 frames, 64x64) delivered on the device."""
+    digits, _ = load_mnist("train", mnist_dir)
+    spec = MovingMNISTSpec(num_frames=20)
+    if device.type == "cuda":
+        source = DeviceMovingMNIST(digits, device, spec)
+        make: Callable[[int], Any] = lambda i: source.batch(0, range(i * batch, (i + 1) * batch))
+    else:
+        make = lambda i: generate_batch(digits, 0, range(i * batch, (i + 1) * batch), spec)
+    make(0)
+    sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 2.0:
+        make(count)
+        count += 1
+    sync(device)
+    return count * batch / (time.perf_counter() - start)
 
 
 def main(argv=None) -> dict:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="mmnist-convlstm-s")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument(
-        "--steps", type=int, default=30, help="total steps; the last third is timed"
-    )
+    stacked = sorted(n for n in PRESETS if n.startswith("mmnist-") and "fc-lstm" not in n)
+    parser.add_argument("--preset", choices=stacked, default="mmnist-convlstm-s")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None)
+    parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per entry")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     parser.add_argument("--mnist-dir", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    if any(b < 1 for b in args.batch_sizes) or args.seconds <= 0:
+        raise ConfigError("batch sizes and --seconds must be positive")
+    variants = args.variants or DEFAULT_VARIANTS["cuda" if device.type == "cuda" else "cpu"]
+    for name in variants:
+        precision, options = resolve_variant(name, device)
+        options.check(device)
+        if precision == "bf16" and device.type != "cuda":
+            raise ConfigError(f"variant {name} runs in bf16, which this benchmark times on CUDA")
+    if args.out is not None and args.out.suffix != ".json":
+        raise ConfigError(f"--out must name a .json file, got {args.out}")
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")  # TF32 on CUDA for the fp32 reference
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report: dict[str, Any] = {
+        "device": name,
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "training": [],
+        "inference": [],
+    }
+
+    def save() -> None:
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2))
+
+    ceiling, what = matmul_ceiling(device)
+    report["ceiling_tflops"], report["ceiling_what"] = ceiling, what
+    print(f"{name}, torch {torch.__version__}: matmul ceiling {ceiling:.1f} TFLOP/s ({what})")
+    flops = flops_per_sequence(args.preset, device)
+    report["flops_per_train_sequence"] = flops
+    print(f"{args.preset}: {flops / 1e9:.1f} GFLOP per training sequence", flush=True)
 
     model_cfg = from_name(args.preset)
-    loss_on_context = model_cfg.architecture == "stacked"
-    cfg = build(
-        TrainConfig,
-        dict(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            log_every=max(1, args.steps // 3),
-            scheduled_sampling="none",
-            schedule="constant",
-            loss_on_context=loss_on_context,
-            device=args.device,
-            precision=args.precision,
-            eval_batch_size=args.batch_size,
-            wandb="disabled",
-        ),
-    )
-    data = DataConfig(mnist_dir=args.mnist_dir, test_sequences=args.batch_size)
-    frames = cfg.context_frames + cfg.horizon
-    batches, _, _ = training_batches(data, frames, cfg.batch_size, cfg.seed)
-    test_set, _ = test_sequences(data, frames)
-    with tempfile.TemporaryDirectory() as out:
-        result = train(model_cfg, cfg, train_batches=batches, eval_sequences=test_set, out_dir=out)
-    rate = result["throughput"][-1][1]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    report = {
-        "preset": args.preset,
-        "batch_size": args.batch_size,
-        "device": result["device"],
-        "device_name": torch.cuda.get_device_name()
-        if result["device"].startswith("cuda")
-        else "cpu",
-        "precision": result["precision"],
-        "parameters": result["parameters"],
-        "train_seq_per_s": rate,
-        "peak_memory_gib": peak,
-    }
-    print(
-        f"{args.preset} batch {args.batch_size} on {report['device_name']} "
-        f"({report['precision']}): "
-        f"{rate:.3g} training sequences/s"
-        + (f", peak memory {peak:.2f} GiB" if peak is not None else "")
-    )
+    digits, _ = load_mnist("train", args.mnist_dir)
+    spec = MovingMNISTSpec(num_frames=20)
+    for batch in args.batch_sizes:
+        batches = [
+            generate_batch(digits, 1, range(i * batch, (i + 1) * batch), spec).to(device)
+            for i in range(4)
+        ]
+        for variant in variants:
+            precision, options = resolve_variant(variant, device)
+            entry: dict[str, Any] = {
+                "variant": variant,
+                "batch": batch,
+                "precision": precision,
+                "options": options.describe(),
+            }
+            try:
+                entry |= time_training(
+                    args.preset, batch, precision, options, device, batches, args.seconds
+                )
+                tflops = entry["train_seq_per_s"] * flops / 1e12
+                entry["tflops"], entry["share_of_ceiling"] = tflops, tflops / ceiling
+            except Exception as err:  # one failing variant must not lose the others
+                entry["error"] = f"{type(err).__name__}: {err}"[:300]
+            report["training"].append(entry)
+            print(_train_line(entry), flush=True)
+            save()
+        del batches
+    report["forecast_batch"] = min(args.batch_sizes)
+    if model_cfg.architecture == "stacked":
+        for variant in ("eager-fp32", "eager-bf16", "fast"):
+            if variant not in variants:
+                continue
+            precision, options = resolve_variant(variant, device)
+            entry = {"variant": variant, "precision": precision}
+            try:
+                entry |= time_inference(
+                    args.preset, options, precision, device, args.seconds, min(args.batch_sizes)
+                )
+            except Exception as err:
+                entry["error"] = f"{type(err).__name__}: {err}"[:300]
+            report["inference"].append(entry)
+            print(_infer_line(entry), flush=True)
+            save()
+    report["generator_seq_per_s"] = generator_rate(device, max(args.batch_sizes), args.mnist_dir)
+    save()
+    _print_table(report)
     return report
 
 
+def _train_line(e: dict[str, Any]) -> str:
+    head = f"{e['variant']:<22} {e['precision']:<5} {e['batch']:>5}"
+    if "error" in e:
+        return f"{head}  failed: {e['error']}"
+    peak = f"{e['peak_memory_gib']:8.2f}" if e["peak_memory_gib"] is not None else "       -"
+    return (
+        f"{head} {e['train_seq_per_s']:10.1f} {e['tflops']:8.1f} "
+        f"{100 * e['share_of_ceiling']:7.1f}% {peak} {e['warmup_s']:8.1f}"
+    )
+
+
+def _infer_line(e: dict[str, Any]) -> str:
+    head = f"{e['variant']:<22} {e['precision']:<5}"
+    if "error" in e:
+        return f"{head}  failed: {e['error']}"
+    return f"{head} {e['stream_step_ms']:12.3f} {e['forecast_seq_per_s']:14.1f}"
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    print()
+    print(
+        f"{report['device']}, torch {report['torch']}; ceiling "
+        f"{report['ceiling_tflops']:.1f} TFLOP/s ({report['ceiling_what']}); {report['preset']}: "
+        f"{report['flops_per_train_sequence'] / 1e9:.1f} GFLOP per training sequence"
+    )
+    print(
+        f"{'training path':<22} {'prec':<5} {'batch':>5} {'seq/s':>10} {'TFLOP/s':>8} "
+        f"{'ceiling':>8} {'peak GiB':>8} {'warm s':>8}"
+    )
+    for entry in report["training"]:
+        print(_train_line(entry))
+    rates = {(e["variant"], e["batch"]): e.get("train_seq_per_s") for e in report["training"]}
+    for (variant, batch), rate in rates.items():
+        if variant != "fast" or not rate:
+            continue
+        for reference in ("eager-bf16", "eager-fp32"):
+            if rates.get((reference, batch)):
+                print(f"fast / {reference} at batch {batch}: {rate / rates[reference, batch]:.2f}x")
+    if report["inference"]:
+        print(
+            f"{'inference path':<22} {'prec':<5} {'stream ms/step':>12} "
+            f"{'forecast seq/s':>14} (batch 1 / {report['forecast_batch']})"
+        )
+        for entry in report["inference"]:
+            print(_infer_line(entry))
+    best = max((r for r in rates.values() if r), default=0.0)
+    gen = report["generator_seq_per_s"]
+    ratio = f" ({gen / best:.1f}x the fastest training rate)" if best else ""
+    print(f"Moving MNIST generator: {gen:.0f} sequences/s on the device{ratio}")
+
+
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
     run_main(main)

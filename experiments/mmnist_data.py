@@ -9,6 +9,7 @@ import torch
 
 from datasets.mnist import load_mnist
 from datasets.moving_mnist import (
+    DeviceMovingMNIST,
     MovingMNISTSpec,
     fixed_test_set,
     generate_batch,
@@ -49,10 +50,20 @@ def test_sequences(data: DataConfig, frames: int) -> tuple[torch.Tensor, str]:
     )
 
 
-def training_batches(data: DataConfig, frames: int, batch_size: int, seed: int):
-    """step -> (B, T, 1, H, W): sequence i of the stream is generated from (seed, i) alone."""
+def training_batches(
+    data: DataConfig, frames: int, batch_size: int, seed: int, device: str | None = None
+):
+    """step -> (B, T, 1, H, W): sequence i of the stream is generated from (seed, i) alone.
+    On a CUDA `device` the frames are rendered there (the same sequences; no frame copies)."""
     digits, source = load_mnist("train", data.mnist_dir)
     spec = data.spec(frames)
+    if device is not None and torch.device(device).type == "cuda":
+        on_device = DeviceMovingMNIST(digits, device, spec)
+
+        def device_batch(step: int) -> torch.Tensor:
+            return on_device.batch(seed, range(step * batch_size, (step + 1) * batch_size))
+
+        return device_batch, digits, source
 
     def batch(step: int) -> torch.Tensor:
         return generate_batch(digits, seed, range(step * batch_size, (step + 1) * batch_size), spec)

@@ -20,7 +20,7 @@ from convlstm.cli import ArgumentParser, add_config_flags, given, run_main
 from convlstm.config import PRESETS, ModelConfig, TrainConfig, build, from_name, to_dict
 from convlstm.errors import ConfigError
 from convlstm.tracking import Tracker
-from convlstm.training import check_compatible, train
+from convlstm.training import check_compatible, resolve_device, train
 from experiments.mmnist_data import DataConfig, test_sequences, training_batches
 from experiments.report import evaluate_baselines, print_table, train_summary, write_json
 
@@ -105,8 +105,9 @@ def main(argv=None) -> dict:
     check_compatible(model_cfg, train_cfg)
     frames = train_cfg.context_frames + train_cfg.horizon
     test_set, test_desc = test_sequences(data_cfg, frames)
+    device = str(resolve_device(train_cfg.device))  # CUDA: batches are rendered there
     batches, _, train_source = training_batches(
-        data_cfg, frames, train_cfg.batch_size, train_cfg.seed
+        data_cfg, frames, train_cfg.batch_size, train_cfg.seed, device
     )
     print(f"preset {preset}; training digits: {train_source}; test set: {test_desc}")
 
@@ -144,7 +145,7 @@ def main(argv=None) -> dict:
             "training_digits": train_source,
             "model": result["metrics"],
             "baselines": base,
-            "train": train_summary(result, train_cfg.steps),
+            "train": train_summary(result),
             "config": result["config"],
             "files": {
                 "checkpoint": str(result["checkpoint"]),
@@ -168,7 +169,7 @@ def print_report(report: dict, metrics_path: Path) -> None:
     train = report["train"]
     print(
         f"\ntrained {train['steps']} steps in {train['seconds']:.0f} s on {train['device']} "
-        f"({train['precision']}, {train['seq_per_s']:.1f} seq/s, "
+        f"({train['precision']}, {train['speed']}, {train['seq_per_s']:.1f} seq/s, "
         f"{train['parameters']:,} parameters)"
     )
     print(f"test set: {report['test_set']}")

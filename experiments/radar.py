@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
             "thresholds_mmh": list(thresholds),
             "fss_scales_px": list(args.fss_scales),
             "tests": tests,
-            "train": train_summary(result, train_cfg.steps),
+            "train": train_summary(result),
             "config": result["config"],
             "files": {
                 "checkpoint": str(result["checkpoint"]),

@@ -31,14 +31,17 @@ def evaluate_baselines(
     }
 
 
-def train_summary(result: dict[str, Any], steps: int) -> dict[str, Any]:
-    """The training part of a metrics report, from `convlstm.training.train`'s result."""
+def train_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The training part of a metrics report, from `convlstm.training.train`'s result (steps
+    as run: a time budget sizes them)."""
     return {
-        "steps": steps,
+        "steps": result["config"]["train"]["steps"],
         "seconds": round(result["train_seconds"], 1),
         "seq_per_s": round(result["train_seq_per_s"], 2),
         "device": result["device"],
         "precision": result["precision"],
+        "speed": result["speed"],
+        "time_budget": result["config"]["train"]["time_budget"],
         "parameters": result["parameters"],
         "losses": result["losses"],
     }

@@ -486,3 +486,15 @@ def test_standard_test_set_errors(tmp_path):
         np.save(tmp_path / name, arr)
         with pytest.raises(DataError, match="expected uint8"):
             load_standard_test_set(tmp_path / name)
+
+
+def test_device_generator_renders_the_same_sequences_as_numpy(mnist_dir):
+    from datasets.moving_mnist import DeviceMovingMNIST
+
+    digits, _ = load_mnist("train", mnist_dir)
+    for spec in (MovingMNISTSpec(), MovingMNISTSpec(num_digits=3, num_frames=7, canvas=40)):
+        source = DeviceMovingMNIST(digits, "cpu", spec)
+        for indices in (range(6), [0, 7, 1000, 3]):
+            assert torch.equal(source.batch(5, indices), generate_batch(digits, 5, indices, spec))
+    with pytest.raises(DataError, match="at least one index"):
+        source.batch(5, [])

@@ -33,3 +33,81 @@ def test_auto_precision_is_bf16_on_cuda(tmp_path):
     from convlstm.training import resolve_precision
 
     assert resolve_precision("auto", device)[0] == torch.bfloat16
+
+
+def test_fast_path_with_a_cuda_graph_follows_eager_training(tmp_path):
+    """fp32, scheduled sampling active for the first steps (the graph reads a mask), then
+    off (an all-False mask): the graphed run follows the eager one."""
+    device = cuda_or_skip()
+    runs = {
+        path: _train(
+            tmp_path,
+            path,
+            steps=8,
+            checkpoint_every=0,
+            precision="fp32",
+            device=str(device),
+            path=path,
+        )
+        for path in ("eager", "fast")
+    }
+    assert "cuda_graph" in runs["fast"]["speed"] and runs["eager"]["speed"] == "eager"
+    eager = torch.tensor([loss for _, loss in runs["eager"]["losses"]])
+    fast = torch.tensor([loss for _, loss in runs["fast"]["losses"]])
+    torch.testing.assert_close(fast, eager, rtol=2e-3, atol=1e-5)  # TF32 convolutions
+
+
+def test_bf16_fast_training_lowers_the_loss(tmp_path):
+    device = cuda_or_skip()
+    result = _train(
+        tmp_path,
+        "bf16",
+        steps=40,
+        log_every=10,
+        checkpoint_every=0,
+        precision="bf16",
+        device=str(device),
+        path="fast",
+        activation_checkpointing=True,
+    )
+    losses = [loss for _, loss in result["losses"]]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_compiled_gates_equal_eager_on_cuda():
+    device = cuda_or_skip()
+    from convlstm.cells.lstm import lstm_update
+    from convlstm.speed import compiled_lstm_update
+
+    z = torch.randn(4, 32, 8, 8, device=device)
+    c = torch.randn(4, 8, 8, 8, device=device)
+    more = torch.randn(4, 32, 8, 8, device=device)
+    for args in ((z, c, None), (z, c, more)):
+        torch.testing.assert_close(compiled_lstm_update()(*args), lstm_update(*args))
+
+
+def test_streaming_graph_equals_eager_steps():
+    device = cuda_or_skip()
+    from convlstm.config import ModelConfig
+    from convlstm.models import build_model
+    from convlstm.speed import StreamingPredictor
+
+    model = build_model(ModelConfig(hidden_channels=(8, 8), patch_size=4)).to(device).eval()
+    stream = StreamingPredictor(model, (2, 1, 16, 16))
+    assert stream.graph_mode
+    state = None
+    with torch.no_grad():
+        for frame in torch.rand(6, 2, 1, 16, 16, device=device):
+            state = model.step(frame, state)
+            torch.testing.assert_close(stream(frame), state.prediction, rtol=2e-3, atol=1e-4)
+
+
+def test_device_generator_equals_the_cpu_stream(mnist_dir):
+    device = cuda_or_skip()
+    from datasets.mnist import load_mnist
+    from datasets.moving_mnist import DeviceMovingMNIST, generate_batch
+
+    digits, _ = load_mnist("train", mnist_dir)
+    batch = DeviceMovingMNIST(digits, device).batch(7, range(100, 164))
+    assert batch.device.type == "cuda"
+    assert torch.equal(batch.cpu(), generate_batch(digits, 7, range(100, 164)))

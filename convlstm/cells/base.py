@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from convlstm.errors import ConfigError, ShapeError
 
@@ -18,6 +19,9 @@ class RecurrentCell(nn.Module):
     implement `step(x, state)`; x is None for a cell built with `in_channels=0`."""
 
     state_size = 1
+    # Speed options, set by convlstm.speed.apply_speed (the defaults are the eager reference):
+    checkpointing = False  # recompute each step's activations in backward (less memory)
+    channels_last = False  # new zero states in channels-last memory format
 
     def __init__(self, *, in_channels: int, hidden_channels: int, kernel_size: int) -> None:
         super().__init__()
@@ -46,9 +50,28 @@ class RecurrentCell(nn.Module):
         weight = next(self.parameters())
         shape = (batch, self.hidden_channels, height, width)
         device, dtype = device or weight.device, dtype or weight.dtype
-        return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.state_size))
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return tuple(
+            torch.zeros(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+            for _ in range(self.state_size)
+        )
 
     def forward(self, x: Tensor | None, state: tuple[Tensor, ...] | None = None):
+        state = self.prepare_state(x, state)
+        state = self.run_step(self.step, x, state)
+        return state[0], state
+
+    def run_step(self, step, *args) -> tuple[Tensor, ...]:
+        """step(*args), recomputed in backward instead of stored when checkpointing."""
+        if self.checkpointing and torch.is_grad_enabled():
+            # no cell draws random numbers: skipping the RNG state keeps CUDA graphs legal
+            return checkpoint(step, *args, use_reentrant=False, preserve_rng_state=False)
+        return step(*args)
+
+    def prepare_state(
+        self, x: Tensor | None, state: tuple[Tensor, ...] | None
+    ) -> tuple[Tensor, ...]:
+        """Check x (B, C_in, H, W) or None against the cell and `state`; zeros if state is None."""
         name = type(self).__name__
         if self.in_channels == 0:
             if x is not None:
@@ -75,8 +98,7 @@ class RecurrentCell(nn.Module):
                     f"{name} state tensors must be (B, {expected[0]}, {expected[1]}, "
                     f"{expected[2]}), got {tuple(s.shape)}"
                 )
-        state = self.step(x, tuple(state))
-        return state[0], state
+        return tuple(state)
 
     def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         raise NotImplementedError

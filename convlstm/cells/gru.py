@@ -72,6 +72,26 @@ class ConvGRUCell(RecurrentCell):
         from_x = None if x is None else self.conv_x(x)
         return (self.update(from_x, self.conv_h(h), h),)
 
+    # The hoisted form (convlstm.speed): the input convolution for many frames at once.
+    def split_weights(self) -> None:
+        return None  # the two convolutions are separate already
+
+    def project_input(self, x: Tensor, weights: None = None) -> Tensor:
+        """W_x * x + b for frames x (N, C_in, H, W) -> (N, 3C, H, W)."""
+        return self.conv_x(x)
+
+    def step_projected(
+        self,
+        from_x: Tensor,
+        state: tuple[Tensor, ...],
+        weights: None = None,
+        zero_state: bool = False,
+    ) -> tuple[Tensor]:
+        """step() given project_input(x). W_h * h runs even for a zero h (it is cheap to
+        keep one code path, and conv_h may carry the bias)."""
+        (h,) = state
+        return (self.update(from_x, self.conv_h(h), h),)
+
 
 def warp(h: Tensor, flow: Tensor) -> Tensor:
     """Bilinear backward warp: out[b, :, y, x] = h[b, :, y + v, x + u], where

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, gate_bias, with_input
 from convlstm.errors import ConfigError, ShapeError
 
 PEEPHOLES = ("none", "channel", "position")
+
+
+def lstm_update(z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The plain ConvLSTM update from gate pre-activations z (+ z_more) (B, 4C, H, W), gates in
+    order input, forget, candidate, output: c' = σ(f) c + σ(i) tanh(g), h' = σ(o) tanh(c').
+    The fast path compiles this function into one kernel (convlstm.speed)."""
+    if z_more is not None:
+        z = z + z_more
+    i, f, g, o = z.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 class ConvLSTMCell(RecurrentCell):
@@ -34,6 +46,7 @@ class ConvLSTMCell(RecurrentCell):
     """
 
     state_size = 2
+    fused_update = None  # set by convlstm.speed: a compiled lstm_update for the plain cell
 
     def __init__(
         self,
@@ -73,12 +86,52 @@ class ConvLSTMCell(RecurrentCell):
 
     def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         h, c = state
-        if self.grid_size is not None and tuple(h.shape[-2:]) != self.grid_size:
+        return self._update(self.conv(with_input(x, h)), c)
+
+    # The hoisted form (convlstm.speed): W * [x, h] = W_x * x + W_h * h, so the input part can
+    # be computed for many frames in one convolution, and W_h * h skipped while h is zero.
+    def split_weights(self) -> tuple[Tensor, Tensor]:
+        """(W_x, W_h), made once per sequence: dense, in the autocast dtype if autocast is on
+        (so the per-step convolutions neither copy nor cast them)."""
+        weight = self.conv.weight
+        kind = weight.device.type
+        if torch.is_autocast_enabled(kind):
+            weight = weight.to(torch.get_autocast_dtype(kind))
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        n = self.in_channels
+        return (
+            weight[:, :n].contiguous(memory_format=layout),
+            weight[:, n:].contiguous(memory_format=layout),
+        )
+
+    def project_input(self, x: Tensor, weights: tuple[Tensor, Tensor]) -> Tensor:
+        """W_x * x + b for frames x (N, C_in, H, W) -> (N, 4C, H, W)."""
+        return F.conv2d(x, weights[0], self.conv.bias, padding=self.kernel_size // 2)
+
+    def step_projected(
+        self,
+        from_x: Tensor,
+        state: tuple[Tensor, ...],
+        weights: tuple[Tensor, Tensor],
+        zero_state: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """step() given project_input(x); zero_state: h is known to be zero (skip W_h * h)."""
+        h, c = state
+        from_h = None if zero_state else F.conv2d(h, weights[1], padding=self.kernel_size // 2)
+        return self._update(from_x, c, from_h)
+
+    def _update(self, z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(h', c') from the gate convolution's output z (+ z_more) (B, 4C, H, W) and c."""
+        if self.grid_size is not None and tuple(c.shape[-2:]) != self.grid_size:
             raise ShapeError(
                 f"per-position peephole weights were built for a {self.grid_size[0]}x"
-                f"{self.grid_size[1]} grid, got {h.shape[-2]}x{h.shape[-1]}"
+                f"{self.grid_size[1]} grid, got {c.shape[-2]}x{c.shape[-1]}"
             )
-        z = self.norm(self.conv(with_input(x, h)))  # (B, 4C, H, W)
+        if self.fused_update is not None:
+            return self.fused_update(z, c, z_more)
+        if self.peephole == "none" and self.norm.kind == "none":
+            return lstm_update(z, c, z_more)
+        z = self.norm(z if z_more is None else z + z_more)
         i, f, g, o = z.chunk(4, dim=1)
         if self.peephole != "none":
             i = i + self.w_ci * c

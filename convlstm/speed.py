@@ -1,0 +1,220 @@
+"""The fast path: the same model and the same arithmetic as the eager reference, run faster.
+
+    options = SpeedOptions.for_path("fast", device)
+    apply_speed(model, options)                       # hoisting, fused gates, channels-last
+    step = GraphedStep(forward_loss, model, batch, mask)  # CUDA: forward + backward as a graph
+
+What each option does (see the benchmark, experiments/benchmark.py, for what each buys):
+- hoist: each recurrent layer's input-to-state convolution runs once over all the frames it
+  knows (the context; the layer below's outputs when the stack runs layer by layer) and each
+  step adds only the state-to-state convolution; the first step from a zero state skips it.
+- fused_gates: the ConvLSTM gate arithmetic (3 sigmoids, 2 tanh, products and sums) compiled
+  by torch.compile into one kernel forward and one backward, instead of about ten each.
+- channels_last: parameters and states in NHWC, the layout cuDNN's bf16 kernels use.
+- cuda_graph: the whole forward and backward of a training step captured once as a CUDA graph
+  and replayed: no Python or launch overhead per kernel (static shapes; CUDA only).
+- fused_optimizer: Adam / AdamW's fused CUDA kernel for all parameters at once.
+- checkpointing: each recurrent step is recomputed in backward instead of stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from convlstm.cells.base import RecurrentCell
+from convlstm.cells.lstm import ConvLSTMCell, lstm_update
+from convlstm.errors import ConfigError, ShapeError
+from convlstm.evaluation import autocast
+from convlstm.layers import ConvRNN
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    hoist: bool = False
+    fused_gates: bool = False
+    channels_last: bool = False
+    cuda_graph: bool = False
+    fused_optimizer: bool = False
+    checkpointing: bool = False
+
+    @classmethod
+    def for_path(cls, path: str, device: torch.device, checkpointing: bool = False) -> SpeedOptions:
+        """ "eager": the readable reference. "fast": every option that pays on `device`
+        (measured by experiments/benchmark: on CUDA all of them; on the CPU hoisting and
+        channels-last, since compiled gates and graphs do not pay there)."""
+        if path == "eager":
+            return cls(checkpointing=checkpointing)
+        if path != "fast":
+            raise ConfigError(f"path must be 'eager' or 'fast', got {path!r}")
+        cuda = torch.device(device).type == "cuda"
+        return cls(
+            hoist=True,
+            fused_gates=cuda,
+            channels_last=True,
+            cuda_graph=cuda,
+            fused_optimizer=cuda,
+            checkpointing=checkpointing,
+        )
+
+    def check(self, device: torch.device) -> None:
+        if torch.device(device).type != "cuda":
+            for name in ("cuda_graph", "fused_optimizer"):
+                if getattr(self, name):
+                    raise ConfigError(f"{name} needs a CUDA device, not {device}")
+
+    def describe(self) -> str:
+        on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+        return "+".join(on) if on else "eager"
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_lstm_update() -> Callable:
+    """lstm_update compiled once per process (static shapes; one kernel each way)."""
+    if "lstm" not in _COMPILED:
+        _COMPILED["lstm"] = torch.compile(lstm_update, dynamic=False, fullgraph=True)
+    return _COMPILED["lstm"]
+
+
+def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
+    """Switch `model` (in place) to the options' execution; returns it. Parameters, state
+    dict and results (up to float rounding) are unchanged, so checkpoints move freely
+    between the paths."""
+    fused = compiled_lstm_update() if options.fused_gates else None
+    for module in model.modules():
+        if isinstance(module, ConvRNN):
+            module.hoist = options.hoist
+        if isinstance(module, RecurrentCell):
+            module.checkpointing = options.checkpointing
+            module.channels_last = options.channels_last
+        if isinstance(module, ConvLSTMCell):
+            plain = module.peephole == "none" and module.norm.kind == "none"
+            module.fused_update = fused if plain else None
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+class GraphedStep:
+    """`forward_loss(batch, mask)` and its backward, captured as one CUDA graph.
+
+    Capture needs a few eager warm-up passes first (cuDNN's algorithm choice, compiled
+    kernels, lazy allocations); their gradients are thrown away, so training is unchanged.
+    After capture each parameter's .grad is a static buffer that every replay overwrites:
+    the caller must not zero the gradients or set them to None (the graph writes them).
+    `mask` may be None for models that are never fed true frames.
+    """
+
+    def __init__(
+        self,
+        forward_loss: Callable[[Tensor, Tensor | None], Tensor],
+        model: nn.Module,
+        batch: Tensor,
+        mask: Tensor | None,
+        warmup: int = 3,
+    ) -> None:
+        if batch.device.type != "cuda":
+            raise ConfigError("cuda_graph needs the batches on a CUDA device")
+        self.batch = batch.clone()
+        self.mask = None if mask is None else mask.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                model.zero_grad(set_to_none=True)
+                forward_loss(self.batch, self.mask).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        model.zero_grad(set_to_none=True)  # so backward allocates .grad inside the graph
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = forward_loss(self.batch, self.mask)
+            self.loss.backward()
+
+    def __call__(self, batch: Tensor, mask: Tensor | None) -> Tensor:
+        """Run forward and backward on `batch`; returns the loss (a static buffer: copy it
+        before the next call if you keep it)."""
+        self.batch.copy_(batch, non_blocking=True)
+        if self.mask is not None:
+            self.mask.copy_(mask, non_blocking=True)
+        self.graph.replay()
+        return self.loss
+
+
+class StreamingPredictor:
+    """Online next-frame prediction: feed one frame (B, C, H, W), get the prediction of the
+    next one, with the state kept inside. The same as model.step (a stacked model's
+    `state.prediction`); on CUDA the step is captured once as a CUDA graph (static buffers,
+    one launch per frame). The returned tensor is overwritten by the next call: clone it to
+    keep it. `reset()` starts a new sequence.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        frame_shape: tuple[int, int, int, int],
+        *,
+        autocast_dtype: torch.dtype | None = None,
+        graph: bool | None = None,
+    ) -> None:
+        if not getattr(model, "feeds_back", False):
+            raise ConfigError("StreamingPredictor needs a model that predicts every next frame")
+        if len(frame_shape) != 4:
+            raise ShapeError(f"frame_shape must be (B, C, H, W), got {tuple(frame_shape)}")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.dtype = autocast_dtype
+        self.graph_mode = self.device.type == "cuda" if graph is None else graph
+        if self.graph_mode and self.device.type != "cuda":
+            raise ConfigError("a CUDA graph needs the model on a CUDA device")
+        self.frame = torch.zeros(frame_shape, device=self.device)
+        with torch.no_grad():
+            first = self._step(self.frame, None)  # the state's structure, from zeros
+        leaves, self.spec = tree_flatten(first)
+        self.state = [torch.zeros_like(leaf) for leaf in leaves]
+        if self.graph_mode:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(3):
+                    self._graph_body()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.output = self._graph_body()
+        self.reset()
+
+    def _step(self, frame: Tensor, state):
+        with autocast(self.device, self.dtype, cache=not self.graph_mode):
+            return self.model.step(frame, state)
+
+    def _graph_body(self) -> Tensor:
+        new = self._step(self.frame, tree_unflatten(self.state, self.spec))
+        leaves, _ = tree_flatten(new)
+        for buffer, leaf in zip(self.state, leaves, strict=True):
+            buffer.copy_(leaf)
+        return self.state[-1]  # the prediction: StackedState's last field
+
+    def reset(self) -> None:
+        """Forget the sequence: the next frame starts from the zero state."""
+        for buffer in self.state:
+            buffer.zero_()
+
+    @torch.no_grad()
+    def __call__(self, frame: Tensor) -> Tensor:
+        if tuple(frame.shape) != tuple(self.frame.shape):
+            raise ShapeError(
+                f"this predictor was built for frames {tuple(self.frame.shape)}, "
+                f"got {tuple(frame.shape)}"
+            )
+        self.frame.copy_(frame)
+        if self.graph_mode:
+            self.graph.replay()
+            return self.output
+        return self._graph_body()

@@ -1,0 +1,264 @@
+"""The fast path computes what the eager reference computes (outputs and gradients), the
+streaming predictor equals model.step, and a time budget sizes the run."""
+
+import json
+
+import pytest
+import torch
+
+from convlstm.cells.lstm import lstm_update
+from convlstm.config import ModelConfig, TrainConfig, build
+from convlstm.errors import ConfigError, ShapeError
+from convlstm.models import build_model
+from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed, compiled_lstm_update
+from convlstm.training import fit_to_budget
+from experiments import benchmark
+from tests.test_training import _train
+
+ALL_CPU = SpeedOptions(hoist=True, channels_last=True, checkpointing=True)
+
+
+def _pair(config: ModelConfig, options: SpeedOptions, dtype=torch.float64):
+    torch.manual_seed(0)
+    eager = build_model(config).to(dtype)
+    with torch.no_grad():  # non-zero peepholes, so they take part in the comparison
+        for name, p in eager.named_parameters():
+            if name.split(".")[-1] in ("w_ci", "w_cf", "w_co"):
+                p.normal_(0, 0.3)
+    fast = build_model(config).to(dtype)
+    fast.load_state_dict(eager.state_dict())
+    return eager, apply_speed(fast, options)
+
+
+def _run(model, frames, mask):
+    """OpenSTL's training forward: predictions while reading the context, then a forecast
+    fed its own predictions except where mask says so; loss and gradients."""
+    state, seen = model.encode_with_predictions(frames[:, :5])
+    preds = model.forecast(state, 5, targets=frames[:, 5:], teacher_mask=mask)
+    out = torch.cat([seen, preds], dim=1)
+    (out - frames[:, 1:].mean()).square().mean().backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(cell="peephole_convlstm"),
+        dict(norm="layer"),
+        dict(cell="convgru"),
+        dict(cell="trajgru", trajgru_links=2),  # no hoisting: the per-step path under options
+    ],
+    ids=["convlstm", "peephole", "layer-norm", "convgru", "trajgru"],
+)
+def test_fast_path_equals_eager_outputs_and_gradients_in_float64(overrides):
+    config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2, **overrides)
+    eager, fast = _pair(config, ALL_CPU)
+    frames = torch.rand(3, 11, 1, 8, 8, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
+    out_e, grads_e = _run(eager, frames, mask)
+    out_f, grads_f = _run(fast, frames, mask)
+    torch.testing.assert_close(out_f, out_e, rtol=1e-12, atol=1e-12)
+    assert grads_e.keys() == grads_f.keys()
+    for name in grads_e:
+        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-10, atol=1e-12)
+
+
+def test_fast_path_equals_eager_in_float32_for_the_encoder_forecaster():
+    config = ModelConfig(architecture="encoder_forecaster", hidden_channels=(6, 8), patch_size=2)
+    eager, fast = _pair(config, ALL_CPU, dtype=torch.float32)
+    context = torch.rand(2, 4, 1, 16, 16)
+    outs, grads = [], []
+    for model in (eager, fast):
+        out = model(context, 3)
+        out.square().mean().backward()
+        outs.append(out)
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for g_fast, g_eager in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(g_fast, g_eager, rtol=1e-4, atol=1e-6)
+
+
+def test_hoisting_really_changes_the_computation():
+    """Guard against a flag that does nothing: the hoisted layer calls project_input once
+    for the whole sequence and the per-step convolution never."""
+    config = ModelConfig(hidden_channels=(4,), kernel_size=3, patch_size=2)
+    model = apply_speed(build_model(config), SpeedOptions(hoist=True))
+    cell = model.layers[0].cell
+    calls = {"project": 0, "conv": 0}
+    cell.conv.register_forward_hook(lambda *_: calls.__setitem__("conv", calls["conv"] + 1))
+    project = cell.project_input
+
+    def counting(*args):
+        calls["project"] += 1
+        return project(*args)
+
+    cell.project_input = counting
+    model.encode(torch.rand(2, 6, 1, 8, 8))
+    assert calls == {"project": 1, "conv": 0}
+    apply_speed(model, SpeedOptions())
+    model.encode(torch.rand(2, 6, 1, 8, 8))
+    assert calls == {"project": 1, "conv": 6}
+
+
+def test_channels_last_and_checkpointing_are_applied():
+    config = ModelConfig(hidden_channels=(4,), kernel_size=3, patch_size=2)
+    model = apply_speed(build_model(config), ALL_CPU)
+    cell = model.layers[0].cell
+    assert cell.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not cell.conv.weight.is_contiguous()
+    assert cell.checkpointing and model.layers[0].hoist
+    state = cell.init_state(2, 4, 4)
+    assert state[0].is_contiguous(memory_format=torch.channels_last)
+    # checkpointing: backward recomputes each step, so a forward hook on the gate conv of a
+    # per-step (unhoisted) layer fires twice as often when gradients are taken
+    apply_speed(model, SpeedOptions(checkpointing=True))
+    calls = []
+    cell.conv.register_forward_hook(lambda *_: calls.append(1))
+    model.encode(torch.rand(2, 3, 1, 8, 8)).prediction.sum().backward()
+    assert len(calls) == 6
+
+
+def test_compiled_gate_update_equals_the_eager_one():
+    fused = compiled_lstm_update()
+    z, c, more = (torch.randn(2, 12, 3, 3, requires_grad=True) for _ in range(3))
+    c = torch.randn(2, 3, 3, 3, requires_grad=True)
+    grads = []
+    for fn in (lstm_update, fused):
+        h, c_new = fn(z, c, more)
+        (h.sum() + (c_new**2).sum()).backward()
+        grads.append([t.grad.clone() for t in (z, c, more)])
+        for t in (z, c, more):
+            t.grad = None
+        outputs = (h, c_new)
+        if fn is lstm_update:
+            reference = outputs
+    torch.testing.assert_close(outputs, reference, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_speed_options_refuse_cuda_only_parts_on_the_cpu():
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="cuda_graph needs a CUDA device"):
+        SpeedOptions(cuda_graph=True).check(cpu)
+    with pytest.raises(ConfigError, match="fused_optimizer needs a CUDA device"):
+        SpeedOptions(fused_optimizer=True).check(cpu)
+    with pytest.raises(ConfigError, match="path must be"):
+        SpeedOptions.for_path("quick", cpu)
+    fast_cpu = SpeedOptions.for_path("fast", cpu)
+    assert fast_cpu.hoist and not fast_cpu.cuda_graph
+    assert SpeedOptions.for_path("fast", torch.device("cuda")).cuda_graph
+
+
+def test_fast_training_follows_the_eager_run(tmp_path):
+    eager = _train(tmp_path, "eager", checkpoint_every=0)
+    fast = _train(tmp_path, "fast", checkpoint_every=0, path="fast", activation_checkpointing=True)
+    assert fast["speed"] == "hoist+channels_last+checkpointing" and eager["speed"] == "eager"
+    le = torch.tensor([loss for _, loss in eager["losses"]])
+    lf = torch.tensor([loss for _, loss in fast["losses"]])
+    torch.testing.assert_close(lf, le, rtol=1e-4, atol=1e-6)
+    for a, b in zip(eager["model"].parameters(), fast["model"].parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_predictor_equals_model_step():
+    config = ModelConfig(hidden_channels=(6, 4), kernel_size=3, patch_size=2)
+    model = build_model(config).eval()
+    frames = torch.rand(7, 2, 1, 8, 8)
+    stream = StreamingPredictor(model, (2, 1, 8, 8))
+    state = None
+    with torch.no_grad():
+        for _ in range(2):  # a second sequence after reset() starts from scratch
+            for frame in frames:
+                state = model.step(frame, state)
+                torch.testing.assert_close(stream(frame), state.prediction)
+            stream.reset()
+            state = None
+    with pytest.raises(ShapeError, match="built for frames"):
+        stream(torch.rand(1, 1, 8, 8))
+    ef = build_model(ModelConfig(architecture="encoder_forecaster", hidden_channels=(4, 4)))
+    with pytest.raises(ConfigError, match="predicts every next frame"):
+        StreamingPredictor(ef, (1, 1, 16, 16))
+    with pytest.raises(ConfigError, match="CUDA graph needs"):
+        StreamingPredictor(model, (2, 1, 8, 8), graph=True)
+
+
+def test_fit_to_budget_keeps_the_share_of_scheduled_sampling():
+    cfg = build(TrainConfig, dict(steps=1000, ss_decay_steps=400))
+    fitted = fit_to_budget(cfg, 250)
+    assert (fitted.steps, fitted.ss_decay_steps) == (250, 100)
+    assert fitted.lr == cfg.lr
+
+
+def test_time_budget_sizes_the_run_and_saves_the_resolved_config(tmp_path):
+    result = _train(
+        tmp_path,
+        "budget",
+        steps=10_000,
+        ss_decay_steps=5_000,
+        time_budget=2.0,
+        log_every=1_000_000,
+        checkpoint_every=0,
+    )
+    steps = result["config"]["train"]["steps"]
+    assert 25 < steps < 10_000  # timed after 25 steps, then sized to about two seconds
+    assert result["config"]["train"]["ss_decay_steps"] == round(5_000 * steps / 10_000)
+    assert result["losses"][-1][0] == steps
+    payload = torch.load(result["checkpoint"], weights_only=False)
+    assert payload["step"] == steps and payload["train_config"]["steps"] == steps
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf")])
+def test_time_budget_must_be_finite_and_non_negative(bad):
+    with pytest.raises(ConfigError, match="time_budget"):
+        build(TrainConfig, dict(time_budget=bad))
+
+
+def test_time_budget_is_refused_on_resume(tmp_path):
+    first = _train(tmp_path, "first", checkpoint_every=0)
+    with pytest.raises(ConfigError, match="time_budget sizes a fresh run"):
+        _train(tmp_path, "again", resume=first["checkpoint"], steps=12, time_budget=5.0)
+
+
+def test_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch-sizes", "2"]
+    argv += ["--seconds", "0.2", "--variants", "eager-fp32", "fast", "--out", str(out)]
+    if mnist_dir:
+        argv += ["--mnist-dir", mnist_dir]
+    report = benchmark.main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["flops_per_train_sequence"] == report["flops_per_train_sequence"] > 1e9
+    assert [e["variant"] for e in saved["training"]] == ["eager-fp32", "fast"]
+    for entry in saved["training"]:
+        assert "error" not in entry and entry["train_seq_per_s"] > 0
+    assert [e["variant"] for e in saved["inference"]] == ["eager-fp32", "fast"]
+    assert saved["generator_seq_per_s"] > 0
+    table = capsys.readouterr().out.split("\n\n")[-1]
+    assert "fast / eager-fp32 at batch 2" in table and "Moving MNIST generator" in table
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--device", "cpu", "--variants", "eager-bf16"], "runs in bf16"),
+        (["--device", "cpu", "--variants", "fast-no-graph"], "runs in bf16"),
+        (["--device", "cpu", "--out", "table.txt"], "must name a .json"),
+        (["--device", "cpu", "--batch-sizes", "0"], "must be positive"),
+    ],
+)
+def test_benchmark_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, match):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def _cli(argv):
+    from convlstm.cli import run_main
+
+    run_main(lambda: benchmark.main(argv))
