@@ -43,11 +43,11 @@ class ConvRNN(nn.Module):
             zero_state = state is None
             state = cell.prepare_state(x[:, 0], state)  # shape checks; zeros if None
             weights = cell.split_weights()
-            projected = cell.project_input(x.flatten(0, 1), weights).unflatten(0, (b, t))
-            for i in range(t):  # projected[:, i]: (B, gates * C_hid, H, W)
-                state = cell.run_step(
-                    cell.step_projected, projected[:, i], state, weights, zero_state
-                )
+            # time-major, so that each step's slice projected[i] is one dense block
+            frames = x.transpose(0, 1).flatten(0, 1)  # (T*B, C_in, H, W)
+            projected = cell.project_input(frames, weights).unflatten(0, (t, b))
+            for i in range(t):  # projected[i]: (B, gates * C_hid, H, W)
+                state = cell.run_step(cell.step_projected, projected[i], state, weights, zero_state)
                 zero_state = False
                 outputs.append(state[0])
             return torch.stack(outputs, dim=1), state

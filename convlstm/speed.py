@@ -77,9 +77,17 @@ _COMPILED: dict[str, Callable] = {}
 
 
 def compiled_lstm_update() -> Callable:
-    """lstm_update compiled once per process (static shapes; one kernel each way)."""
+    """lstm_update compiled once per process: one kernel forward and one backward. Shapes
+    are dynamic, so training, evaluation and streaming batches share the compiled code; the
+    variants that remain (with and without gradients, autocast, graph capture) are few, but
+    more than dynamo's default of 8 recompilations per function, hence the raised limit."""
     if "lstm" not in _COMPILED:
-        _COMPILED["lstm"] = torch.compile(lstm_update, dynamic=False, fullgraph=True)
+        import torch._dynamo  # noqa: F401  (its config below)
+
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
+        _COMPILED["lstm"] = torch.compile(lstm_update, dynamic=True)
     return _COMPILED["lstm"]
 
 

@@ -52,6 +52,7 @@ VARIANTS: dict[str, tuple[str, Callable[[torch.device], SpeedOptions]]] = {
     "fast": ("auto", _fast),
     "fast-no-graph": ("bf16", lambda device: _fast(device, cuda_graph=False)),
     "fast-no-fused-gates": ("bf16", lambda device: _fast(device, fused_gates=False)),
+    "fast-no-channels-last": ("bf16", lambda device: _fast(device, channels_last=False)),
     "fast-checkpointing": ("auto", lambda device: _fast(device, checkpointing=True)),
     "cpu-hoist-only": ("fp32", lambda device: SpeedOptions(hoist=True)),
     "cpu-channels-last-only": ("fp32", lambda device: SpeedOptions(channels_last=True)),
