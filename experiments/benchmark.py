@@ -54,9 +54,8 @@ VARIANTS: dict[str, tuple[str, Callable[[torch.device], SpeedOptions]]] = {
     "fast-no-fused-gates": ("bf16", lambda device: _fast(device, fused_gates=False)),
     "fast-no-channels-last": ("bf16", lambda device: _fast(device, channels_last=False)),
     "fast-checkpointing": ("auto", lambda device: _fast(device, checkpointing=True)),
-    "cpu-hoist-only": ("fp32", lambda device: SpeedOptions(hoist=True)),
-    "cpu-channels-last-only": ("fp32", lambda device: SpeedOptions(channels_last=True)),
-    "cpu-fast-compiled-gates": ("fp32", lambda device: _fast(device, fused_gates=True)),
+    "fast-with-channels-last": ("auto", lambda device: _fast(device, channels_last=True)),
+    "fast-with-fused-gates": ("auto", lambda device: _fast(device, fused_gates=True)),
 }
 DEFAULT_VARIANTS = {
     "cuda": [
@@ -67,7 +66,7 @@ DEFAULT_VARIANTS = {
         "fast-no-fused-gates",
         "fast-checkpointing",
     ],
-    "cpu": ["eager-fp32", "fast", "cpu-hoist-only", "cpu-fast-compiled-gates"],
+    "cpu": ["eager-fp32", "fast", "fast-with-channels-last", "fast-with-fused-gates"],
 }
 
 
@@ -257,7 +256,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", choices=stacked, default="mmnist-convlstm-s")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None)
-    parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per entry")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per entry")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(VARIANTS),
+        default=None,
+        help="also print the top kernels of 3 training steps of this variant at the first "
+        "batch size (a variant without cuda_graph shows each kernel; a graph shows as one)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--mnist-dir", default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
@@ -266,7 +272,7 @@ def main(argv=None) -> dict:
     if any(b < 1 for b in args.batch_sizes) or args.seconds <= 0:
         raise ConfigError("batch sizes and --seconds must be positive")
     variants = args.variants or DEFAULT_VARIANTS["cuda" if device.type == "cuda" else "cpu"]
-    for name in variants:
+    for name in [*variants, *([args.profile] if args.profile else [])]:
         precision, options = resolve_variant(name, device)
         options.check(device)
         if precision == "bf16" and device.type != "cuda":
@@ -343,8 +349,41 @@ def main(argv=None) -> dict:
             save()
     report["generator_seq_per_s"] = generator_rate(device, max(args.batch_sizes), args.mnist_dir)
     save()
+    if args.profile is not None:
+        precision, options = resolve_variant(args.profile, device)
+        report["profile"] = profile_training(
+            args.preset, args.batch_sizes[0], precision, options, device
+        )
+        print(f"\ntop kernels, 3 steps of {args.profile} at batch {args.batch_sizes[0]}:")
+        print(report["profile"])
+        save()
     _print_table(report)
     return report
+
+
+def profile_training(
+    preset: str, batch: int, precision: str, options: SpeedOptions, device: torch.device
+) -> str:
+    """torch.profiler's table of the most expensive kernels over 3 warm training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model_cfg = from_name(preset)
+    model = apply_speed(build_model(model_cfg).to(device), options)
+    step = _train_step(model, model_cfg, train_config(batch, precision, device), options, device)
+    frames = torch.rand(batch, 20, 1, 64, 64, device=device)
+    for _ in range(5):
+        step(frames, None)
+    sync(device)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step(frames, None)
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50)
 
 
 def _train_line(e: dict[str, Any]) -> str:
