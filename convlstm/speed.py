@@ -107,8 +107,8 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
         if isinstance(module, ConvLSTMCell):
             plain = module.peephole == "none" and module.norm.kind == "none"
             module.fused_update = fused if plain else None
-    if options.channels_last:
-        model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if options.channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
     return model
 
 
@@ -150,6 +150,15 @@ class GraphedStep:
     def __call__(self, batch: Tensor, mask: Tensor | None) -> Tensor:
         """Run forward and backward on `batch`; returns the loss (a static buffer: copy it
         before the next call if you keep it)."""
+        for name, new, captured in (("batch", batch, self.batch), ("mask", mask, self.mask)):
+            same = new is None and captured is None
+            if not same and (new is None or captured is None or new.shape != captured.shape):
+                got = None if new is None else tuple(new.shape)
+                want = None if captured is None else tuple(captured.shape)
+                raise ShapeError(
+                    f"a CUDA graph replays fixed shapes: the {name} was {want} when captured, "
+                    f"got {got} (keep the batch size fixed, or use path=eager)"
+                )
         self.batch.copy_(batch, non_blocking=True)
         if self.mask is not None:
             self.mask.copy_(mask, non_blocking=True)
@@ -162,7 +171,9 @@ class StreamingPredictor:
     next one, with the state kept inside. The same as model.step (a stacked model's
     `state.prediction`); on CUDA the step is captured once as a CUDA graph (static buffers,
     one launch per frame). The returned tensor is overwritten by the next call: clone it to
-    keep it. `reset()` starts a new sequence.
+    keep it. `reset()` starts a new sequence. The model is put in eval mode; the graph reads
+    the parameters where they are, so build a new predictor after moving or converting the
+    model (loading new weights into it in place is fine).
     """
 
     def __init__(
@@ -186,7 +197,13 @@ class StreamingPredictor:
         self.frame = torch.zeros(frame_shape, device=self.device)
         with torch.no_grad():
             first = self._step(self.frame, None)  # the state's structure, from zeros
+        if not isinstance(getattr(first, "prediction", None), Tensor):
+            raise ConfigError(
+                "StreamingPredictor needs a model whose state carries its next-frame "
+                "prediction (architecture=stacked)"
+            )
         leaves, self.spec = tree_flatten(first)
+        self.index = next(i for i, leaf in enumerate(leaves) if leaf is first.prediction)
         self.state = [torch.zeros_like(leaf) for leaf in leaves]
         if self.graph_mode:
             side = torch.cuda.Stream()
@@ -209,7 +226,7 @@ class StreamingPredictor:
         leaves, _ = tree_flatten(new)
         for buffer, leaf in zip(self.state, leaves, strict=True):
             buffer.copy_(leaf)
-        return self.state[-1]  # the prediction: StackedState's last field
+        return self.state[self.index]
 
     def reset(self) -> None:
         """Forget the sequence: the next frame starts from the zero state."""

@@ -26,7 +26,7 @@ from convlstm.speed import GraphedStep, SpeedOptions, apply_speed
 from convlstm.tracking import Tracker
 from convlstm.visualize import save_gif
 
-BatchSource = Callable[[int], Tensor]  # step -> (B, T, C, H, W) on the CPU, the same for a step
+BatchSource = Callable[[int], Tensor]  # step -> (B, T, C, H, W) (CPU or device), fixed per step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,6 +82,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=last)
 
 
+# A time-budgeted run times these steps (after compilation and graph capture) to size itself.
+CALIBRATION = (5, 25)
+
+
 def teacher_probability(cfg: TrainConfig, step: int) -> float:
     """Chance that a forecast step is fed the true previous frame (scheduled sampling)."""
     if cfg.scheduled_sampling == "none" or cfg.ss_decay_steps == 0:
@@ -102,9 +106,18 @@ def teacher_mask(cfg: TrainConfig, step: int, batch: int, device: torch.device) 
 
 
 def fit_to_budget(cfg: TrainConfig, total_steps: int) -> TrainConfig:
-    """cfg resized to `total_steps`; the scheduled-sampling decay keeps its share of the run."""
-    decay = round(cfg.ss_decay_steps * total_steps / cfg.steps)
-    return dataclasses.replace(cfg, steps=total_steps, ss_decay_steps=decay)
+    """cfg resized to `total_steps`; the scheduled-sampling decay and the warm-up keep their
+    share of the run (a share that was not zero stays at least one step)."""
+
+    def share(steps: int) -> int:
+        return max(1, round(steps * total_steps / cfg.steps)) if steps else 0
+
+    return dataclasses.replace(
+        cfg,
+        steps=total_steps,
+        ss_decay_steps=share(cfg.ss_decay_steps),
+        warmup_steps=share(cfg.warmup_steps),
+    )
 
 
 def check_compatible(model_config: ModelConfig, cfg: TrainConfig) -> None:
@@ -221,7 +234,12 @@ def train(
         raise ConfigError("cuda_graph cannot run the fp16 gradient scaler: use bf16 or fp32")
     if cfg.time_budget and resume is not None:
         raise ConfigError("time_budget sizes a fresh run; resume with steps instead")
-    if device.type == "cuda" and speed != SpeedOptions(checkpointing=speed.checkpointing):
+    if cfg.time_budget and cfg.steps <= CALIBRATION[1]:
+        raise ConfigError(
+            f"time_budget times the first {CALIBRATION[1]} steps before it sizes the run: "
+            f"steps (the nominal length its shares refer to) must be larger, got {cfg.steps}"
+        )
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN time its algorithms
     torch.manual_seed(cfg.seed)
     model = apply_speed(build_model(model_config).to(device), speed)
@@ -296,9 +314,9 @@ def train(
     window_start, window_steps = time.perf_counter(), 0
     train_start = time.perf_counter()
     paused_total = 0.0  # seconds spent evaluating and saving, not training
-    # time_budget: time steps [calibrate[0], calibrate[1]) once warm, then size the run.
-    calibrate = (start_step + 5, start_step + 25) if cfg.time_budget else None
-    calibration_start = 0.0
+    # time_budget: time steps [CALIBRATION[0], CALIBRATION[1]) once warm, then size the run.
+    calibrate = CALIBRATION if cfg.time_budget else None
+    calibration_start = paused_at_start = 0.0
     losses: list[tuple[int, float]] = []  # (step, mean loss over the log window)
     throughput: list[tuple[int, float]] = []  # (step, training sequences/s over the window)
     metrics: dict[str, Any] = {}
@@ -324,9 +342,10 @@ def train(
                 torch.cuda.synchronize(device)  # twice per run: the clock must see the GPU
             now = time.perf_counter()
             if done == calibrate[0]:
-                calibration_start = now
+                calibration_start, paused_at_start = now, paused_total
             else:
-                per_step = (now - calibration_start) / (calibrate[1] - calibrate[0])
+                timed = now - calibration_start - (paused_total - paused_at_start)
+                per_step = timed / (calibrate[1] - calibrate[0])
                 left = cfg.time_budget - (now - train_start - paused_total)
                 cfg = fit_to_budget(cfg, done + max(0, int(left / per_step)))
                 scheduler = make_scheduler(optimizer, cfg, done)

@@ -2,18 +2,26 @@
 streaming predictor equals model.step, and a time budget sizes the run."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
+from convlstm import training
 from convlstm.cells.lstm import lstm_update
 from convlstm.config import ModelConfig, TrainConfig, build
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.models import build_model
-from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed, compiled_lstm_update
+from convlstm.speed import (
+    GraphedStep,
+    SpeedOptions,
+    StreamingPredictor,
+    apply_speed,
+    compiled_lstm_update,
+)
 from convlstm.training import fit_to_budget
 from experiments import benchmark
-from tests.test_training import _train
+from tests.test_training import _train, moving_squares
 
 ALL_CPU = SpeedOptions(hoist=True, channels_last=True, checkpointing=True)
 
@@ -31,9 +39,12 @@ def _pair(config: ModelConfig, options: SpeedOptions, dtype=torch.float64):
 
 
 def _run(model, frames, mask):
-    """OpenSTL's training forward: predictions while reading the context, then a forecast
-    fed its own predictions except where mask says so; loss and gradients."""
-    state, seen = model.encode_with_predictions(frames[:, :5])
+    """OpenSTL's training forward: predictions while reading the context (in two calls, the
+    second continuing from the first's state), then a forecast fed its own predictions
+    except where mask says so; loss and gradients."""
+    state, seen_a = model.encode_with_predictions(frames[:, :3])
+    state, seen_b = model.encode_with_predictions(frames[:, 3:5], state)
+    seen = torch.cat([seen_a, seen_b], dim=1)
     preds = model.forecast(state, 5, targets=frames[:, 5:], teacher_mask=mask)
     out = torch.cat([seen, preds], dim=1)
     (out - frames[:, 1:].mean()).square().mean().backward()
@@ -47,9 +58,12 @@ def _run(model, frames, mask):
         dict(cell="peephole_convlstm"),
         dict(norm="layer"),
         dict(cell="convgru"),
+        dict(norm="group"),
         dict(cell="trajgru", trajgru_links=2),  # no hoisting: the per-step path under options
+        dict(cell="sa_convlstm", attention_channels=2),
+        dict(cell="convrnn"),
     ],
-    ids=["convlstm", "peephole", "layer-norm", "convgru", "trajgru"],
+    ids=["convlstm", "peephole", "layer-norm", "convgru", "group-norm", "trajgru", "sa", "rnn"],
 )
 def test_fast_path_equals_eager_outputs_and_gradients_in_float64(overrides):
     config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2, **overrides)
@@ -119,6 +133,9 @@ def test_channels_last_and_checkpointing_are_applied():
     assert len(calls) == 6
 
 
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on the CPU needs C++"
+)
 def test_compiled_gate_update_equals_the_eager_one():
     fused = compiled_lstm_update()
     z, c, more = (torch.randn(2, 12, 3, 3, requires_grad=True) for _ in range(3))
@@ -180,33 +197,102 @@ def test_streaming_predictor_equals_model_step():
     ef = build_model(ModelConfig(architecture="encoder_forecaster", hidden_channels=(4, 4)))
     with pytest.raises(ConfigError, match="predicts every next frame"):
         StreamingPredictor(ef, (1, 1, 16, 16))
+    fc = build_model(ModelConfig(architecture="fc_lstm", hidden_channels=(8,), frame_size=(8, 8)))
+    with pytest.raises(ConfigError, match="carries its next-frame prediction"):
+        StreamingPredictor(fc, (2, 1, 8, 8))  # its state holds the last frame, not a forecast
     with pytest.raises(ConfigError, match="CUDA graph needs"):
         StreamingPredictor(model, (2, 1, 8, 8), graph=True)
 
 
-def test_fit_to_budget_keeps_the_share_of_scheduled_sampling():
-    cfg = build(TrainConfig, dict(steps=1000, ss_decay_steps=400))
+def test_fit_to_budget_keeps_the_shares_of_the_schedules():
+    cfg = build(TrainConfig, dict(steps=1000, ss_decay_steps=400, warmup_steps=100))
     fitted = fit_to_budget(cfg, 250)
-    assert (fitted.steps, fitted.ss_decay_steps) == (250, 100)
+    assert (fitted.steps, fitted.ss_decay_steps, fitted.warmup_steps) == (250, 100, 25)
     assert fitted.lr == cfg.lr
+    tiny = fit_to_budget(cfg, 2)  # a share that was not zero stays at least one step
+    assert (tiny.ss_decay_steps, tiny.warmup_steps) == (1, 1)
+    none = fit_to_budget(build(TrainConfig, dict(steps=1000, ss_decay_steps=0)), 50)
+    assert none.ss_decay_steps == 0 and none.warmup_steps == 0
 
 
-def test_time_budget_sizes_the_run_and_saves_the_resolved_config(tmp_path):
+class FakeClock:
+    """time.perf_counter for convlstm.training: each training batch costs `cost(step)` s."""
+
+    def __init__(self, cost):
+        self.now, self.cost = 0.0, cost
+
+    def perf_counter(self):
+        return self.now
+
+    def batches(self, step):
+        self.now += self.cost(step)
+        return moving_squares(step)
+
+
+def test_time_budget_sizes_the_run_from_its_timed_steps(tmp_path, monkeypatch):
+    clock = FakeClock(lambda step: 0.0625)
+    monkeypatch.setattr(training, "time", clock)
     result = _train(
         tmp_path,
         "budget",
-        steps=10_000,
-        ss_decay_steps=5_000,
-        time_budget=2.0,
-        log_every=1_000_000,
+        batches=clock.batches,
+        steps=1000,
+        ss_decay_steps=500,
+        time_budget=2.5,
+        log_every=10,
         checkpoint_every=0,
     )
-    steps = result["config"]["train"]["steps"]
-    assert 25 < steps < 10_000  # timed after 25 steps, then sized to about two seconds
-    assert result["config"]["train"]["ss_decay_steps"] == round(5_000 * steps / 10_000)
-    assert result["losses"][-1][0] == steps
+    # steps take 1/16 s (exact in binary); 25 steps spend 1.5625 s, 0.9375 s buy 15 more
+    train_cfg = result["config"]["train"]
+    assert (train_cfg["steps"], train_cfg["ss_decay_steps"]) == (40, 20)
+    assert result["losses"][-1][0] == 40
     payload = torch.load(result["checkpoint"], weights_only=False)
-    assert payload["step"] == steps and payload["train_config"]["steps"] == steps
+    assert payload["step"] == 40 and payload["train_config"]["steps"] == 40
+
+
+def test_time_budget_stops_at_a_log_point_when_steps_slow_down(tmp_path, monkeypatch):
+    clock = FakeClock(lambda step: 0.0625 if step < 25 else 0.25)
+    monkeypatch.setattr(training, "time", clock)
+    result = _train(
+        tmp_path,
+        "slow",
+        batches=clock.batches,
+        steps=1000,
+        time_budget=2.5,
+        log_every=5,
+        checkpoint_every=0,
+    )
+    # sized to 40 steps at 1/16 s; at 0.25 s a step the budget is spent by step 30
+    # (1.5625 + 5 x 0.25 = 2.8125 s), the next log point, and the run stops there
+    assert result["config"]["train"]["steps"] == 30 and result["losses"][-1][0] == 30
+
+
+def test_time_budget_leaves_evaluation_out_of_the_timing(tmp_path, monkeypatch):
+    clock = FakeClock(lambda step: 0.0625)
+    monkeypatch.setattr(training, "time", clock)
+    real_eval = training.evaluate
+
+    def slow_eval(*args, **kwargs):
+        clock.now += 30.0  # an evaluation inside the timed steps
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", slow_eval)
+    result = _train(
+        tmp_path,
+        "eval",
+        batches=clock.batches,
+        steps=1000,
+        time_budget=2.5,
+        log_every=10,
+        eval_every=10,
+        checkpoint_every=0,
+    )
+    assert result["config"]["train"]["steps"] == 40
+
+
+def test_time_budget_needs_more_nominal_steps_than_it_times(tmp_path):
+    with pytest.raises(ConfigError, match="times the first 25 steps"):
+        _train(tmp_path, "short", steps=20, time_budget=5.0)
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("inf")])
@@ -265,3 +351,19 @@ def _cli(argv):
     from convlstm.cli import run_main
 
     run_main(lambda: benchmark.main(argv))
+
+
+def test_a_graphed_step_refuses_a_batch_of_another_shape():
+    step = GraphedStep.__new__(GraphedStep)  # the shape check alone (capture needs CUDA)
+    step.batch, step.mask = torch.zeros(4, 6, 1, 8, 8), torch.zeros(4, 2, dtype=torch.bool)
+    with pytest.raises(ShapeError, match=r"batch was \(4, 6, 1, 8, 8\) when captured"):
+        step(torch.zeros(1, 6, 1, 8, 8), torch.zeros(1, 2, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="mask was"):
+        step(torch.zeros(4, 6, 1, 8, 8), None)
+
+
+def test_back_to_eager_restores_the_parameter_layout():
+    model = build_model(ModelConfig(hidden_channels=(4,), kernel_size=3, patch_size=2))
+    apply_speed(model, SpeedOptions(channels_last=True))
+    apply_speed(model, SpeedOptions())
+    assert all(p.is_contiguous() for p in model.parameters())

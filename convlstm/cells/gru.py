@@ -87,8 +87,8 @@ class ConvGRUCell(RecurrentCell):
         weights: None = None,
         zero_state: bool = False,
     ) -> tuple[Tensor]:
-        """step() given project_input(x). W_h * h runs even for a zero h (it is cheap to
-        keep one code path, and conv_h may carry the bias)."""
+        """step() given project_input(x). W_h * h runs even for a zero h (one code path;
+        a skip would save one small convolution per sequence)."""
         (h,) = state
         return (self.update(from_x, self.conv_h(h), h),)
 
