@@ -229,19 +229,16 @@ class FakeClock:
         return moving_squares(step)
 
 
+def _budget_run(tmp_path, monkeypatch, clock, **overrides):
+    """A 2.5 s budget over 1,000 nominal steps, timed by `clock`."""
+    monkeypatch.setattr(training, "time", clock)
+    values = dict(steps=1000, time_budget=2.5, log_every=10, checkpoint_every=0) | overrides
+    return _train(tmp_path, "budget", batches=clock.batches, **values)
+
+
 def test_time_budget_sizes_the_run_from_its_timed_steps(tmp_path, monkeypatch):
     clock = FakeClock(lambda step: 0.0625)
-    monkeypatch.setattr(training, "time", clock)
-    result = _train(
-        tmp_path,
-        "budget",
-        batches=clock.batches,
-        steps=1000,
-        ss_decay_steps=500,
-        time_budget=2.5,
-        log_every=10,
-        checkpoint_every=0,
-    )
+    result = _budget_run(tmp_path, monkeypatch, clock, ss_decay_steps=500)
     # steps take 1/16 s (exact in binary); 25 steps spend 1.5625 s, 0.9375 s buy 15 more
     train_cfg = result["config"]["train"]
     assert (train_cfg["steps"], train_cfg["ss_decay_steps"]) == (40, 20)
@@ -252,16 +249,7 @@ def test_time_budget_sizes_the_run_from_its_timed_steps(tmp_path, monkeypatch):
 
 def test_time_budget_stops_at_a_log_point_when_steps_slow_down(tmp_path, monkeypatch):
     clock = FakeClock(lambda step: 0.0625 if step < 25 else 0.25)
-    monkeypatch.setattr(training, "time", clock)
-    result = _train(
-        tmp_path,
-        "slow",
-        batches=clock.batches,
-        steps=1000,
-        time_budget=2.5,
-        log_every=5,
-        checkpoint_every=0,
-    )
+    result = _budget_run(tmp_path, monkeypatch, clock, log_every=5)
     # sized to 40 steps at 1/16 s; at 0.25 s a step the budget is spent by step 30
     # (1.5625 + 5 x 0.25 = 2.8125 s), the next log point, and the run stops there
     assert result["config"]["train"]["steps"] == 30 and result["losses"][-1][0] == 30
@@ -269,7 +257,6 @@ def test_time_budget_stops_at_a_log_point_when_steps_slow_down(tmp_path, monkeyp
 
 def test_time_budget_leaves_evaluation_out_of_the_timing(tmp_path, monkeypatch):
     clock = FakeClock(lambda step: 0.0625)
-    monkeypatch.setattr(training, "time", clock)
     real_eval = training.evaluate
 
     def slow_eval(*args, **kwargs):
@@ -277,16 +264,7 @@ def test_time_budget_leaves_evaluation_out_of_the_timing(tmp_path, monkeypatch):
         return real_eval(*args, **kwargs)
 
     monkeypatch.setattr(training, "evaluate", slow_eval)
-    result = _train(
-        tmp_path,
-        "eval",
-        batches=clock.batches,
-        steps=1000,
-        time_budget=2.5,
-        log_every=10,
-        eval_every=10,
-        checkpoint_every=0,
-    )
+    result = _budget_run(tmp_path, monkeypatch, clock, eval_every=10)
     assert result["config"]["train"]["steps"] == 40
 
 
