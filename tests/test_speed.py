@@ -345,3 +345,18 @@ def test_back_to_eager_restores_the_parameter_layout():
     apply_speed(model, SpeedOptions(channels_last=True))
     apply_speed(model, SpeedOptions())
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_streaming_predictor_under_autocast_with_the_fast_options():
+    config = ModelConfig(hidden_channels=(6, 4), kernel_size=3, patch_size=2)
+    model = apply_speed(build_model(config), SpeedOptions(hoist=True, channels_last=True))
+    model.eval()
+    stream = StreamingPredictor(model, (2, 1, 8, 8), autocast_dtype=torch.bfloat16)
+    state = None
+    with torch.no_grad():
+        for frame in torch.rand(4, 2, 1, 8, 8):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                state = model.step(frame, state)
+            out = stream(frame)
+            assert out.dtype == state.prediction.dtype  # the prediction's dtype under autocast
+            torch.testing.assert_close(out, state.prediction)
