@@ -164,6 +164,7 @@ class TrainStep:
         self.feeds_back = feeds_back
         self.loss_fn = get_loss(cfg.loss)
         self.graphed: GraphedStep | None = None
+        self.no_teacher: Tensor | None = None  # the all-False mask the graph reads, made once
 
     def forward_loss(self, batch: Tensor, mask: Tensor | None) -> Tensor:
         """The training loss of one batch (B, T, C, H, W) under the teacher mask."""
@@ -187,8 +188,10 @@ class TrainStep:
             if not self.feeds_back:
                 mask = None
             elif mask is None:  # the graph always reads a mask: all False here
-                shape = (batch.shape[0], self.cfg.horizon - 1)
-                mask = torch.zeros(shape, dtype=torch.bool, device=batch.device)
+                if self.no_teacher is None:
+                    shape = (batch.shape[0], self.cfg.horizon - 1)
+                    self.no_teacher = torch.zeros(shape, dtype=torch.bool, device=batch.device)
+                mask = self.no_teacher
             if self.graphed is None:
                 self.graphed = GraphedStep(self.forward_loss, self.model, batch, mask)
             loss = self.graphed(batch, mask)  # writes every .grad: no zero_grad here
@@ -233,7 +236,10 @@ def train(
     if speed.cuda_graph and use_scaler:
         raise ConfigError("cuda_graph cannot run the fp16 gradient scaler: use bf16 or fp32")
     if cfg.time_budget and resume is not None:
-        raise ConfigError("time_budget sizes a fresh run; resume with steps instead")
+        raise ConfigError(
+            "time_budget sizes a fresh run; to resume, pass time_budget=0 "
+            "(--time-budget 0) and the steps to reach"
+        )
     if cfg.time_budget and cfg.steps <= CALIBRATION[1]:
         raise ConfigError(
             f"time_budget times the first {CALIBRATION[1]} steps before it sizes the run: "
@@ -360,7 +366,7 @@ def train(
             stats = {
                 "train/loss": mean_loss,
                 "train/lr": lr,
-                "train/teacher_prob": teacher_probability(cfg, step - 1),
+                "train/teacher_prob": teacher_probability(cfg, done - 1),
                 "train/seq_per_s": throughput[-1][1],
             }
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats['train/lr']:.2e}")

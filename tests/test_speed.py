@@ -285,7 +285,19 @@ def test_time_budget_is_refused_on_resume(tmp_path):
         _train(tmp_path, "again", resume=first["checkpoint"], steps=12, time_budget=5.0)
 
 
-def test_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path, mnist_dir, capsys):
+class TickingClock:
+    """time.perf_counter for the benchmark: 10 ms pass at every reading (no real timing)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 0.01
+        return self.now
+
+
+def test_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path, mnist_dir, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "time", TickingClock())
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch-sizes", "2"]
     argv += ["--seconds", "0.2", "--variants", "eager-fp32", "fast", "--out", str(out)]
