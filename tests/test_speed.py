@@ -286,13 +286,13 @@ def test_time_budget_is_refused_on_resume(tmp_path):
 
 
 class TickingClock:
-    """time.perf_counter for the benchmark: 10 ms pass at every reading (no real timing)."""
+    """time.perf_counter for the benchmark: 0.1 s passes at every reading (no real timing)."""
 
     def __init__(self):
         self.now = 0.0
 
     def perf_counter(self):
-        self.now += 0.01
+        self.now += 0.1
         return self.now
 
 
