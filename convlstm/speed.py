@@ -8,8 +8,9 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 - hoist: each recurrent layer's input-to-state convolution runs once over all the frames it
   knows (the context; the layer below's outputs when the stack runs layer by layer) and each
   step adds only the state-to-state convolution; the first step from a zero state skips it.
-- fused_gates: the ConvLSTM gate arithmetic (3 sigmoids, 2 tanh, products and sums) compiled
-  by torch.compile into one kernel forward and one backward, instead of about ten each.
+- fused_gates: the ConvLSTM gate arithmetic (3 sigmoids, 2 tanh, products and sums) as one
+  compiled kernel forward and one backward (with a hand-written backward, convlstm.gates),
+  instead of about ten kernels each.
 - channels_last: parameters and states in NHWC, the layout cuDNN's bf16 kernels use.
 - cuda_graph: the whole forward and backward of a training step captured once as a CUDA graph
   and replayed: no Python or launch overhead per kernel (static shapes; CUDA only).
@@ -28,9 +29,10 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from convlstm.cells.base import RecurrentCell
-from convlstm.cells.lstm import ConvLSTMCell, lstm_update
+from convlstm.cells.lstm import ConvLSTMCell
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.evaluation import autocast
+from convlstm.gates import fused_lstm_update
 from convlstm.layers import ConvRNN
 
 
@@ -47,7 +49,7 @@ class SpeedOptions:
     def for_path(cls, path: str, device: torch.device, checkpointing: bool = False) -> SpeedOptions:
         """Options for TrainConfig.path. "eager": the readable reference. "fast": the
         options that paid on the device in experiments/benchmark. On CUDA all of them (H100,
-        ConvLSTM-S: 3.4x eager bf16 at batch 16, 1.2x at batch 64). On the CPU only
+        ConvLSTM-S: 2.8x eager bf16 at batch 16, 1.1x at batch 64). On the CPU only
         hoisting: training there is bound by the convolutions' arithmetic, and channels-last
         and compiled gates measured no better than eager within this CPU's noise."""
         if path == "eager":
@@ -75,29 +77,11 @@ class SpeedOptions:
         return "+".join(on) if on else "eager"
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
-def compiled_lstm_update() -> Callable:
-    """lstm_update compiled once per process: one kernel forward and one backward. Shapes
-    are dynamic, so training, evaluation and streaming batches share the compiled code; the
-    variants that remain (with and without gradients, autocast, graph capture) are few, but
-    more than dynamo's default of 8 recompilations per function, hence the raised limit."""
-    if "lstm" not in _COMPILED:
-        import torch._dynamo  # noqa: F401  (its config below)
-
-        config = torch._dynamo.config
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), 64))
-        _COMPILED["lstm"] = torch.compile(lstm_update, dynamic=True)
-    return _COMPILED["lstm"]
-
-
 def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
     """Switch `model` (in place) to the options' execution; returns it. Parameters, state
     dict and results (up to float rounding) are unchanged, so checkpoints move freely
     between the paths."""
-    fused = compiled_lstm_update() if options.fused_gates else None
+    fused = fused_lstm_update() if options.fused_gates else None
     for module in model.modules():
         if isinstance(module, ConvRNN):
             module.hoist = options.hoist

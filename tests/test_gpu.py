@@ -78,13 +78,26 @@ def test_bf16_fast_training_lowers_the_loss(tmp_path):
 def test_compiled_gates_equal_eager_on_cuda():
     device = cuda_or_skip()
     from convlstm.cells.lstm import lstm_update
-    from convlstm.speed import compiled_lstm_update
+    from convlstm.gates import fused_lstm_update
 
     z = torch.randn(4, 32, 8, 8, device=device)
     c = torch.randn(4, 8, 8, 8, device=device)
     more = torch.randn(4, 32, 8, 8, device=device)
-    for args in ((z, c, None), (z, c, more)):
-        torch.testing.assert_close(compiled_lstm_update()(*args), lstm_update(*args))
+    fused = fused_lstm_update(compiled=True)
+    for extra in (None, more):
+        inputs = [t.clone().requires_grad_() for t in (z, c)]
+        if extra is not None:
+            inputs.append(extra.clone().requires_grad_())
+        grads = []
+        for fn in (lstm_update, fused):
+            outputs = fn(*inputs)
+            (outputs[0].sum() + (outputs[1] ** 2).sum()).backward()
+            grads.append([t.grad for t in inputs])
+            for t in inputs:
+                t.grad = None
+        torch.testing.assert_close(fused(*inputs), lstm_update(*inputs))
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(b, a)
 
 
 def test_streaming_graph_equals_eager_steps():

@@ -46,7 +46,7 @@ class ConvLSTMCell(RecurrentCell):
     """
 
     state_size = 2
-    fused_update = None  # set by convlstm.speed: a compiled lstm_update for the plain cell
+    fused_update = None  # set by convlstm.speed: convlstm.gates' update for the plain cell
 
     def __init__(
         self,
