@@ -212,7 +212,11 @@ class DeviceMovingMNIST:
         self.spec = spec
         self.device = torch.device(device)
         self.count = len(_check_digits(digits, spec))
-        self.digits = torch.from_numpy(np.ascontiguousarray(digits)).to(self.device)
+        # Scaled to [0, 1] here, on the host: a GPU divides by a scalar as a multiplication
+        # by its reciprocal, one ulp away from the host's division for some pixel values.
+        # The scaling is increasing, so the max over overlapping digits commutes with it.
+        scaled = torch.from_numpy(np.ascontiguousarray(digits)).to(torch.float32).div_(255.0)
+        self.digits = scaled.to(self.device)
         offsets = torch.arange(spec.canvas, device=self.device)
         self.offsets = offsets  # canvas rows / columns
 
@@ -241,8 +245,8 @@ class DeviceMovingMNIST:
             + rows.clamp(0, s - 1).unsqueeze(-1) * s
             + cols.clamp(0, s - 1).unsqueeze(-2)
         )  # (B, T, D, canvas, canvas) indices into the flattened digit images
-        frames = torch.where(inside, self.digits.view(-1)[flat], 0).amax(dim=2)  # overlap: max
-        return frames.to(torch.float32).div_(255.0).unsqueeze(2)  # (B, T, 1, H, W)
+        frames = torch.where(inside, self.digits.view(-1)[flat], 0.0).amax(dim=2)  # overlap: max
+        return frames.unsqueeze(2)  # (B, T, 1, H, W)
 
 
 def generate_sequence(
