@@ -43,18 +43,31 @@ class ConvRNN(nn.Module):
             zero_state = state is None
             state = cell.prepare_state(x[:, 0], state)  # shape checks; zeros if None
             weights = cell.split_weights()
-            # time-major, so that each step's slice projected[i] is one dense block
+            # time-major, so that each step's slice is one dense block
             frames = x.transpose(0, 1).flatten(0, 1)  # (T*B, C_in, H, W)
             projected = cell.project_input(frames, weights).unflatten(0, (t, b))
-            for i in range(t):  # projected[i]: (B, gates * C_hid, H, W)
-                state = cell.run_step(cell.step_projected, projected[i], state, weights, zero_state)
+            # unbind, not projected[i]: its backward is one stack, where indexing's would
+            # write a zero-filled (T, B, ...) gradient per step and sum them
+            for from_x in projected.unbind(0):  # (B, gates * C_hid, H, W)
+                state = cell.run_step(cell.step_projected, from_x, state, weights, zero_state)
                 zero_state = False
                 outputs.append(state[0])
-            return torch.stack(outputs, dim=1), state
-        for i in range(t):
-            h, state = cell(x[:, i], state)  # (B, C_hid, H, W)
+            return stack_time(outputs), state
+        # one frame: squeeze, whose backward is a view, where unbind's would stack a copy
+        for frame in x.unbind(1) if t > 1 else (x.squeeze(1),):
+            h, state = cell(frame, state)  # (B, C_hid, H, W)
             outputs.append(h)
-        return torch.stack(outputs, dim=1), state  # (B, T, C_hid, H, W)
+        return stack_time(outputs), state  # (B, T, C_hid, H, W)
+
+
+def stack_time(frames: list[Tensor]) -> Tensor:
+    """torch.stack(frames, dim=1) for frames (B, C, H, W), as a view of a time-major buffer:
+    each frame, and the time-major (T*B, C, H, W) flattening the next layer's hoisted
+    convolution reads, stay views in the frames' memory format (channels-last included), where
+    a stack along dim 1 would copy them into a (B, T, ...) layout; one frame is not copied."""
+    if len(frames) == 1:
+        return frames[0].unsqueeze(1)
+    return torch.cat(frames, dim=0).unflatten(0, (len(frames), frames[0].shape[0])).transpose(0, 1)
 
 
 def patchify(frames: Tensor, patch: int) -> Tensor:

@@ -8,16 +8,18 @@ import pytest
 import torch
 
 from convlstm import training
+from convlstm.cells.base import with_input
 from convlstm.cells.lstm import lstm_update
 from convlstm.config import ModelConfig, TrainConfig, build
 from convlstm.errors import ConfigError, ShapeError
+from convlstm.gates import fused_lstm_update
+from convlstm.layers import stack_time
 from convlstm.models import build_model
 from convlstm.speed import (
     GraphedStep,
     SpeedOptions,
     StreamingPredictor,
     apply_speed,
-    compiled_lstm_update,
 )
 from convlstm.training import fit_to_budget
 from experiments import benchmark
@@ -115,6 +117,52 @@ def test_hoisting_really_changes_the_computation():
     assert calls == {"project": 1, "conv": 6}
 
 
+def _autograd_nodes(tensor):
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return [type(node).__name__ for node in seen]
+
+
+def test_steps_read_frames_by_unbind_so_backward_stacks_once():
+    # indexing a (T, B, ...) tensor per step makes T zero-filled full-size gradients in
+    # backward, summed one by one: T^2 memory traffic. unbind's backward is one stack.
+    config = ModelConfig(hidden_channels=(4, 4), kernel_size=3, patch_size=2)
+    for options in (SpeedOptions(hoist=True), SpeedOptions()):
+        model = apply_speed(build_model(config), options)
+        frames = torch.rand(2, 5, 4, 4, 4, requires_grad=True)  # (B, T, C, h, w) patches
+        outputs, state = model.layers[0](frames)
+        nodes = _autograd_nodes(outputs.sum() + state[1].sum())
+        assert "UnbindBackward0" in nodes
+        assert "SelectBackward0" not in nodes, options
+
+
+def test_stack_time_equals_stack_and_keeps_the_time_major_flattening_a_view():
+    cl = torch.channels_last
+    frames = [torch.randn(3, 4, 5, 6).contiguous(memory_format=cl) for _ in range(2)]
+    stacked = stack_time(frames)
+    assert torch.equal(stacked, torch.stack(frames, dim=1))
+    flat = stacked.transpose(0, 1).flatten(0, 1)  # what the next hoisted layer convolves
+    assert flat.data_ptr() == stacked.data_ptr()  # a view: no copy
+    assert flat.is_contiguous(memory_format=cl) and not flat.is_contiguous()
+    assert all(frame.is_contiguous(memory_format=cl) for frame in stacked.unbind(1))
+    one = stack_time(frames[:1])
+    assert one.shape == (3, 1, 4, 5, 6) and one.data_ptr() == frames[0].data_ptr()
+
+
+def test_with_input_follows_a_channels_last_state():
+    x = torch.randn(2, 3, 4, 4)
+    h = torch.randn(2, 5, 4, 4)
+    joined = with_input(x, h.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(joined, torch.cat([x, h], dim=1))
+    assert joined.is_contiguous(memory_format=torch.channels_last)
+    assert with_input(x, h).is_contiguous()  # the default layout is left alone
+    assert with_input(None, h) is h
+
+
 def test_channels_last_and_checkpointing_are_applied():
     config = ModelConfig(hidden_channels=(4,), kernel_size=3, patch_size=2)
     model = apply_speed(build_model(config), ALL_CPU)
@@ -137,22 +185,66 @@ def test_channels_last_and_checkpointing_are_applied():
     not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on the CPU needs C++"
 )
 def test_compiled_gate_update_equals_the_eager_one():
-    fused = compiled_lstm_update()
+    fused = fused_lstm_update(compiled=True)
     z, c, more = (torch.randn(2, 12, 3, 3, requires_grad=True) for _ in range(3))
     c = torch.randn(2, 3, 3, 3, requires_grad=True)
-    grads = []
-    for fn in (lstm_update, fused):
-        h, c_new = fn(z, c, more)
-        (h.sum() + (c_new**2).sum()).backward()
-        grads.append([t.grad.clone() for t in (z, c, more)])
-        for t in (z, c, more):
-            t.grad = None
-        outputs = (h, c_new)
-        if fn is lstm_update:
-            reference = outputs
-    torch.testing.assert_close(outputs, reference, rtol=1e-6, atol=1e-6)
-    for a, b in zip(grads[0], grads[1], strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    for extra in (None, more):
+        grads, outputs = [], []
+        for fn in (lstm_update, fused):
+            h, c_new = fn(z, c, extra)
+            (h.sum() + (c_new**2).sum()).backward()
+            grads.append([t.grad.clone() for t in (z, c, more) if t.grad is not None])
+            outputs.append((h, c_new))
+            for t in (z, c, more):
+                t.grad = None
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-6, atol=1e-6)
+        assert len(grads[1]) == len(grads[0]) == (2 if extra is None else 3)
+        for a, b in zip(grads[0], grads[1], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_more", [False, True])
+def test_hand_written_gate_backward_passes_gradcheck(with_more):
+    # float64 finite differences against the hand-written backward of convlstm.gates
+    update = fused_lstm_update(compiled=False)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 8, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    c = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    more = torch.randn(2, 8, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    args = (z, c, more) if with_more else (z, c)
+    assert torch.autograd.gradcheck(update, args)
+    h, c_new = update(*args)
+    reference = lstm_update(*args)
+    torch.testing.assert_close((h, c_new), reference, rtol=1e-12, atol=1e-12)
+
+
+def test_hand_written_gate_backward_returns_the_gradient_in_the_layout_of_z():
+    # the gate convolution's backward reads dz: a channels-last z gets a channels-last dz
+    update = fused_lstm_update(compiled=False)
+    cl = torch.channels_last
+    leaf = torch.randn(2, 8, 3, 3, requires_grad=True)
+    z = (leaf * 1).contiguous(memory_format=cl)
+    c = torch.randn(2, 2, 3, 3).contiguous(memory_format=cl)
+    seen = []
+    z.register_hook(lambda grad: seen.append(grad.is_contiguous(memory_format=cl)))
+    h, c_new = update(z, c)
+    weights = torch.randn(2, 2, 3, 3)  # contiguous: dh arrives in the other layout
+    ((h * weights).sum() + c_new.sum()).backward()
+    assert seen == [True]
+
+
+def test_hand_written_gate_update_keeps_dtypes_of_mixed_precision():
+    # bf16 pre-activations (autocast) and a float32 memory, as on the GPU: h and c in float32,
+    # each gradient in its input's dtype, all within bf16 rounding of the float32 update
+    update = fused_lstm_update(compiled=False)
+    z32, c = torch.randn(2, 8, 3, 3), torch.randn(2, 2, 3, 3, requires_grad=True)
+    z = z32.bfloat16().requires_grad_()
+    h, c_new = update(z, c)
+    assert h.dtype == c_new.dtype == torch.float32
+    (h.sum() + c_new.sum()).backward()
+    assert z.grad.dtype == torch.bfloat16 and c.grad.dtype == torch.float32
+    reference = lstm_update(z.detach().float(), c.detach())
+    torch.testing.assert_close((h, c_new), reference)
 
 
 def test_speed_options_refuse_cuda_only_parts_on_the_cpu():

@@ -110,8 +110,15 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = Tru
 
 
 def with_input(x: Tensor | None, h: Tensor) -> Tensor:
-    """[x, h] along channels (just h for a cell without input); h follows x's dtype (autocast)."""
-    return h if x is None else torch.cat([x, h.to(x.dtype)], dim=1)
+    """[x, h] along channels (just h for a cell without input); h follows x's dtype (autocast),
+    and x h's memory format (a channels-last state keeps the convolution's input channels-last,
+    where a mixed concatenation would fall back to the contiguous format)."""
+    if x is None:
+        return h
+    channels_last = torch.channels_last
+    if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=channels_last):
+        x = x.contiguous(memory_format=channels_last)
+    return torch.cat([x, h.to(x.dtype)], dim=1)
 
 
 class GateNorm(nn.Module):
