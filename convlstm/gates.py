@@ -11,8 +11,9 @@ the fast path): the backward recomputes the gates from z and writes each gate's 
 as its own tensor, and one concatenation (a plain copy) assembles them.
 
 Arithmetic runs in at least float32 (the gate pre-activations may be bf16 / fp16 under
-autocast); h and c come out in the promoted dtype of z and c, as in the eager update, and
-each gradient in its input's dtype.
+autocast); h and c come out in the promoted dtype of the inputs, as in the eager update,
+and each gradient in its input's dtype. The backward is not itself differentiable (no
+double backward).
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
-def _compute_dtype(z: Tensor, c: Tensor) -> torch.dtype:
-    return torch.promote_types(torch.promote_types(z.dtype, c.dtype), torch.float32)
+def _result_dtype(z: Tensor, c: Tensor, z_more: Tensor | None) -> torch.dtype:
+    """The dtype of eager lstm_update's h and c: its inputs' promoted dtype."""
+    dtype = torch.promote_types(z.dtype, c.dtype)
+    return dtype if z_more is None else torch.promote_types(dtype, z_more.dtype)
 
 
 def _gates(z: Tensor, c: Tensor, z_more: Tensor | None) -> tuple[Tensor, ...]:
-    acc = _compute_dtype(z, c)
+    acc = torch.promote_types(_result_dtype(z, c, z_more), torch.float32)
     z = z.to(acc) if z_more is None else z.to(acc) + z_more.to(acc)
     zi, zf, zg, zo = z.chunk(4, dim=1)
     return torch.sigmoid(zi), torch.sigmoid(zf), torch.tanh(zg), torch.sigmoid(zo), c.to(acc)
@@ -36,27 +40,30 @@ def _gates(z: Tensor, c: Tensor, z_more: Tensor | None) -> tuple[Tensor, ...]:
 
 def gates_forward(z: Tensor, c: Tensor, z_more: Tensor | None) -> tuple[Tensor, Tensor]:
     """(h', c') from pre-activations z (+ z_more) (B, 4C, H, W) and the memory c (B, C, H, W)."""
-    i, f, g, o, c = _gates(z, c, z_more)
-    c_new = f * c + i * g
-    return o * torch.tanh(c_new), c_new
+    out = _result_dtype(z, c, z_more)
+    i, f, g, o, c_acc = _gates(z, c, z_more)
+    c_new = f * c_acc + i * g
+    return (o * torch.tanh(c_new)).to(out), c_new.to(out)
 
 
 def gates_backward(
     z: Tensor, c: Tensor, z_more: Tensor | None, dh: Tensor, dc_new: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (d z_i, d z_f, d z_g, d z_o, d c) from those of h' and c' (gates recomputed)."""
-    i, f, g, o, c = _gates(z, c, z_more)
-    acc = c.dtype
-    tc = torch.tanh(f * c + i * g)
+    i, f, g, o, c_acc = _gates(z, c, z_more)
+    acc = c_acc.dtype
+    tc = torch.tanh(f * c_acc + i * g)
     dh, dc_new = dh.to(acc), dc_new.to(acc)
     dc_total = dc_new + dh * o * (1 - tc * tc)
     gate_grads = (
         dc_total * g * i * (1 - i),
-        dc_total * c * f * (1 - f),
+        dc_total * c_acc * f * (1 - f),
         dc_total * i * (1 - g * g),
         dh * tc * o * (1 - o),
     )
-    return (*(d.to(z.dtype) for d in gate_grads), dc_total * f)
+    # in z's dtype (half the bytes under autocast), unless z_more needs another dtype
+    grad_dtype = z.dtype if z_more is None or z_more.dtype == z.dtype else acc
+    return (*(d.to(grad_dtype) for d in gate_grads), (dc_total * f).to(c.dtype))
 
 
 class _FusedUpdate(torch.autograd.Function):
@@ -64,19 +71,19 @@ class _FusedUpdate(torch.autograd.Function):
     def forward(ctx, z, c, z_more, kernels):
         forward, _ = kernels
         ctx.kernels = kernels
-        ctx.c_dtype = c.dtype
         ctx.save_for_backward(z, c, z_more)
         return forward(z, c, z_more)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dh, dc_new):
         _, backward = ctx.kernels
         z, c, z_more = ctx.saved_tensors
         *gate_grads, dc = backward(z, c, z_more, dh, dc_new)
         # written in z's memory format, which the gate convolution's backward reads
-        dz = torch.cat(gate_grads, dim=1, out=torch.empty_like(z))
+        dz = torch.cat(gate_grads, dim=1, out=torch.empty_like(z, dtype=gate_grads[0].dtype))
         dz_more = None if z_more is None else dz.to(z_more.dtype)
-        return dz, dc.to(ctx.c_dtype), dz_more, None
+        return dz.to(z.dtype), dc, dz_more, None
 
 
 _COMPILED: list[tuple[Callable, Callable]] = []

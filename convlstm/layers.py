@@ -64,7 +64,8 @@ def stack_time(frames: list[Tensor]) -> Tensor:
     """torch.stack(frames, dim=1) for frames (B, C, H, W), as a view of a time-major buffer:
     each frame, and the time-major (T*B, C, H, W) flattening the next layer's hoisted
     convolution reads, stay views in the frames' memory format (channels-last included), where
-    a stack along dim 1 would copy them into a (B, T, ...) layout; one frame is not copied."""
+    a stack along dim 1 would copy them into a (B, T, ...) layout. One frame is not copied:
+    the result is a view of it (of the layer's returned h), so neither may be changed in place."""
     if len(frames) == 1:
         return frames[0].unsqueeze(1)
     return torch.cat(frames, dim=0).unflatten(0, (len(frames), frames[0].shape[0])).transpose(0, 1)

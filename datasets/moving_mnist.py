@@ -215,6 +215,7 @@ class DeviceMovingMNIST:
         # Scaled to [0, 1] here, on the host: a GPU divides by a scalar as a multiplication
         # by its reciprocal, one ulp away from the host's division for some pixel values.
         # The scaling is increasing, so the max over overlapping digits commutes with it.
+        # Float32 digits take 4x the memory of uint8: about 190 MB for MNIST's 60,000.
         scaled = torch.from_numpy(np.ascontiguousarray(digits)).to(torch.float32).div_(255.0)
         self.digits = scaled.to(self.device)
         offsets = torch.arange(spec.canvas, device=self.device)

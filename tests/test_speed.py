@@ -218,6 +218,37 @@ def test_hand_written_gate_backward_passes_gradcheck(with_more):
     torch.testing.assert_close((h, c_new), reference, rtol=1e-12, atol=1e-12)
 
 
+def test_hand_written_gate_update_follows_the_eager_dtypes():
+    # a model converted to bf16 throughout keeps bf16 states; a float32 z_more's gradient
+    # is not rounded through z's bf16
+    update = fused_lstm_update(compiled=False)
+    z = torch.randn(2, 8, 3, 3).bfloat16().requires_grad_()
+    c = torch.randn(2, 2, 3, 3).bfloat16()
+    for fn in (update, lstm_update):
+        assert [t.dtype for t in fn(z, c)] == [torch.bfloat16, torch.bfloat16]
+    more = torch.randn(2, 8, 3, 3, requires_grad=True)
+    h, c_new = update(z, c.float(), more)
+    assert h.dtype == c_new.dtype == torch.float32
+    (h.sum() + c_new.sum()).backward()
+    assert z.grad.dtype == torch.bfloat16 and more.grad.dtype == torch.float32
+    z_ref = z.detach().float().requires_grad_()
+    more_ref = more.detach().clone().requires_grad_()
+    reference = lstm_update(z_ref, c.float(), more_ref)
+    (reference[0].sum() + reference[1].sum()).backward()
+    torch.testing.assert_close(more.grad, more_ref.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z.grad, z_ref.grad.bfloat16())
+
+
+def test_hand_written_gate_backward_refuses_double_backward():
+    update = fused_lstm_update(compiled=False)
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    h, _ = update(z, torch.randn(2, 2, 3, 3))
+    (grad,) = torch.autograd.grad(h.sum(), z, create_graph=True)
+    # no second-order graph: an error, never silently wrong second derivatives
+    with pytest.raises(RuntimeError, match="grad"):
+        grad.sum().backward()
+
+
 def test_hand_written_gate_backward_returns_the_gradient_in_the_layout_of_z():
     # the gate convolution's backward reads dz: a channels-last z gets a channels-last dz
     update = fused_lstm_update(compiled=False)
@@ -245,6 +276,10 @@ def test_hand_written_gate_update_keeps_dtypes_of_mixed_precision():
     assert z.grad.dtype == torch.bfloat16 and c.grad.dtype == torch.float32
     reference = lstm_update(z.detach().float(), c.detach())
     torch.testing.assert_close((h, c_new), reference)
+    z_ref, c_ref = z.detach().float().requires_grad_(), c.detach().clone().requires_grad_()
+    sum(t.sum() for t in lstm_update(z_ref, c_ref)).backward()
+    torch.testing.assert_close(c.grad, c_ref.grad)  # float32 throughout
+    torch.testing.assert_close(z.grad, z_ref.grad.bfloat16())  # one bf16 rounding
 
 
 def test_speed_options_refuse_cuda_only_parts_on_the_cpu():
