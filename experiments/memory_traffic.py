@@ -1,0 +1,162 @@
+"""Where one training step moves memory without arithmetic: copies, casts, concatenations.
+
+    python -m experiments.memory_traffic --variant fast --batch 64          # on a GPU
+    python -m experiments.memory_traffic --device cpu --preset mmnist-cpu-small --batch 4
+
+A kernel profile (experiments.benchmark --profile) says how much time copies take; this says
+which line of the model makes them. One training step of a benchmark variant runs under a
+dispatch trace, and every copy, cast, clone, concatenation, stack, zero fill and backward
+sum is grouped by where it comes from: for the forward, the deepest frame in this project;
+for the backward, the forward line that made the autograd node (anomaly mode records it).
+Each row gives the phase, the operator, the input layouts (C contiguous, CL channels-last,
+S strided: neither, which the GPU copies element by element), the calls and the bytes
+written. Under the trace compiled kernels run eagerly, so the fast path's fused gate
+arithmetic (convlstm/gates.py) shows operators that on the GPU are inside one kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from convlstm.cli import ArgumentParser, run_main
+from convlstm.config import PRESETS, from_name
+from convlstm.errors import ConfigError
+from convlstm.models import build_model
+from convlstm.speed import apply_speed
+from convlstm.training import resolve_device
+
+# operators that only move or cast memory; the sums are counted in backward only (where
+# they are autograd adding the gradients of a tensor used more than once)
+MOVERS = ("copy_", "_to_copy", "clone", "cat", "stack", "fill_", "zero_", "zeros_like")
+SUMS = ("add", "add_")
+ROOT = Path(__file__).resolve().parent.parent
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def layout(t: torch.Tensor) -> str:
+    if t.is_contiguous():
+        return "C"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "CL"
+    return "S"
+
+
+def _site(frames: list[tuple[str, int, str]]) -> str:
+    """The deepest frame inside this project's packages, as path:line function."""
+    for filename, line, function in reversed(frames):
+        path = Path(filename).resolve()
+        if path.is_relative_to(ROOT) and path.parts[len(ROOT.parts)] in ("convlstm", "datasets"):
+            return f"{path.relative_to(ROOT)}:{line} {function}"
+    return "(outside the model)"
+
+
+def _forward_site() -> str:
+    import traceback
+
+    return _site([(f.filename, f.lineno, f.name) for f in traceback.extract_stack()])
+
+
+def _backward_site(node) -> str:
+    lines = node.metadata.get("traceback_") or []
+    frames = [(m[1], int(m[2]), m[3]) for m in _FRAME.finditer("".join(lines))]
+    return f"{node.name()} of {_site(frames)}"
+
+
+class TrafficTrace(TorchDispatchMode):
+    """Counts and bytes of memory-moving operators, keyed by (phase, site, operator, layouts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: collections.Counter = collections.Counter()
+        self.bytes: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        node = torch._C._current_autograd_node()
+        if name in MOVERS or (node is not None and name in SUMS):
+            inputs = [a for a in args if isinstance(a, torch.Tensor)]
+            inputs += [t for a in args if isinstance(a, list | tuple) for t in a]
+            inputs = [t for t in inputs if isinstance(t, torch.Tensor)]
+            result = out if isinstance(out, torch.Tensor) else args[0]
+            site = _forward_site() if node is None else _backward_site(node)
+            key = (
+                "forward" if node is None else "backward",
+                site,
+                name,
+                " ".join(f"{str(t.dtype)[6:]}:{layout(t)}" for t in inputs[:4]),
+            )
+            self.rows[key] += 1
+            self.bytes[key] += result.numel() * result.element_size()
+        return out
+
+
+def trace_step(step, batch: torch.Tensor) -> TrafficTrace:
+    """One training step (forward and backward) of `step` (a TrainStep) under the trace."""
+    trace = TrafficTrace()
+    with torch.autograd.set_detect_anomaly(True, check_nan=False):
+        with trace:
+            loss = step.forward_loss(batch, None)
+        step.optimizer.zero_grad(set_to_none=True)
+        with trace:
+            loss.backward()
+    return trace
+
+
+def report(trace: TrafficTrace, top: int) -> str:
+    total = sum(trace.bytes.values())
+    lines = [f"{'MB':>9} {'calls':>6}  phase     operator  inputs (dtype:layout)  <- site"]
+    for key, size in trace.bytes.most_common(top):
+        phase, site, name, inputs = key
+        lines.append(
+            f"{size / 1e6:9.1f} {trace.rows[key]:6d}  {phase:<9} {name:<9} {inputs}  <- {site}"
+        )
+    strided = sum(size for key, size in trace.bytes.items() if ":S" in key[3])
+    lines.append(
+        f"total {total / 1e6:.1f} MB written in {sum(trace.rows.values())} calls; "
+        f"{strided / 1e6:.1f} MB of it read from strided (S) inputs"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> TrafficTrace:
+    from experiments.benchmark import VARIANTS, _train_step, resolve_variant, train_config
+
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    stacked = sorted(n for n in PRESETS if n.startswith("mmnist-") and "fc-lstm" not in n)
+    parser.add_argument("--preset", choices=stacked, default="mmnist-convlstm-s")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="fast")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--top", type=int, default=25, help="rows to print, most bytes first")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.top < 1:
+        raise ConfigError("--batch and --top must be positive")
+    device = resolve_device(args.device)
+    precision, options = resolve_variant(args.variant, device)
+    options.check(device)
+    if precision == "bf16" and device.type != "cuda":
+        raise ConfigError(f"variant {args.variant} runs in bf16, which this traces on CUDA")
+    # the graph would hide every operator behind one replay: trace the same step without it
+    options = dataclasses.replace(options, cuda_graph=False)
+    torch.manual_seed(0)
+    model_cfg = from_name(args.preset)
+    model = apply_speed(build_model(model_cfg).to(device), options)
+    cfg = train_config(args.batch, precision, device)
+    step = _train_step(model, model_cfg, cfg, options, device)
+    batch = torch.rand(args.batch, 20, model_cfg.in_channels, 64, 64, device=device)
+    step(batch, None)  # warm: lazy state, cuDNN's choices
+    trace = trace_step(step, batch)
+    print(f"{args.preset}, {args.variant} without the graph, batch {args.batch}, {device}:")
+    print(report(trace, args.top))
+    return trace
+
+
+if __name__ == "__main__":
+    run_main(main)
