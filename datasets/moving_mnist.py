@@ -218,8 +218,7 @@ class DeviceMovingMNIST:
         # Float32 digits take 4x the memory of uint8: about 190 MB for MNIST's 60,000.
         scaled = torch.from_numpy(np.ascontiguousarray(digits)).to(torch.float32).div_(255.0)
         self.digits = scaled.to(self.device)
-        offsets = torch.arange(spec.canvas, device=self.device)
-        self.offsets = offsets  # canvas rows / columns
+        self.offsets = torch.arange(spec.canvas, device=self.device)  # canvas rows / columns
 
     def batch(self, seed: int, indices: Sequence[int]) -> torch.Tensor:
         """Sequences ``indices`` of ``seed`` as float32 (B, T, 1, H, W) on the device."""

@@ -30,6 +30,7 @@ from convlstm.errors import ConfigError
 from convlstm.models import build_model
 from convlstm.speed import apply_speed
 from convlstm.training import resolve_device
+from experiments.benchmark import VARIANTS, _train_step, resolve_variant, train_config
 
 # operators that only move or cast memory; the sums are counted in backward only (where
 # they are autograd adding the gradients of a tensor used more than once)
@@ -126,8 +127,6 @@ def report(trace: TrafficTrace, top: int) -> str:
 
 
 def main(argv=None) -> TrafficTrace:
-    from experiments.benchmark import VARIANTS, _train_step, resolve_variant, train_config
-
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     stacked = sorted(n for n in PRESETS if n.startswith("mmnist-") and "fc-lstm" not in n)
     parser.add_argument("--preset", choices=stacked, default="mmnist-convlstm-s")

@@ -15,7 +15,8 @@ PEEPHOLES = ("none", "channel", "position")
 def lstm_update(z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The plain ConvLSTM update from gate pre-activations z (+ z_more) (B, 4C, H, W), gates in
     order input, forget, candidate, output: c' = σ(f) c + σ(i) tanh(g), h' = σ(o) tanh(c').
-    The fast path compiles this function into one kernel (convlstm.speed)."""
+    The eager reference; the fast path runs the same update as compiled kernels with a
+    hand-written backward (convlstm.gates), tested equal to this one."""
     if z_more is not None:
         z = z + z_more
     i, f, g, o = z.chunk(4, dim=1)
