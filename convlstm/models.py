@@ -30,6 +30,7 @@ from convlstm.layers import (
     patchify,
     unpatchify,
 )
+from convlstm.wgrad import batched_weight_grads
 
 
 def cell_options(config: ModelConfig, grid: tuple[int, int] | None) -> dict[str, Any]:
@@ -133,13 +134,14 @@ class StackedForecaster(Forecaster):
         if teacher_mask is not None and targets is None:
             raise ShapeError("teacher_mask needs targets")
         preds = [state.prediction]
-        for k in range(horizon - 1):
-            feed = state.prediction
-            if teacher_mask is not None:
-                use_truth = teacher_mask[:, k].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-                feed = torch.where(use_truth, targets[:, k].to(feed.dtype), feed)
-            state = self.step(feed, state)
-            preds.append(state.prediction)
+        with batched_weight_grads([layer.cell for layer in self.layers]):
+            for k in range(horizon - 1):
+                feed = state.prediction
+                if teacher_mask is not None:
+                    use_truth = teacher_mask[:, k].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+                    feed = torch.where(use_truth, targets[:, k].to(feed.dtype), feed)
+                state = self.step(feed, state)
+                preds.append(state.prediction)
         return torch.stack(preds, dim=1)  # (B, horizon, C, H, W)
 
 
@@ -265,14 +267,15 @@ class EncoderForecaster(Forecaster):
             pairs = zip(self.attention, state.memory, strict=True)
             keys_values = [attention.keys_values(memory) for attention, memory in pairs]
         preds = []
-        for _ in range(horizon):
-            x = None
-            for i in reversed(range(len(self.forecaster))):
-                h, states[i] = self.forecaster[i](x, states[i])
-                if keys_values is not None:
-                    h = self.attention[i](h, *keys_values[i])
-                x = self.up[i](h)  # (B, C_{i-1}, h_{i-1}, w_{i-1})
-            preds.append(unpatchify(self.out_act(self.head(x)), self.patch))
+        with batched_weight_grads(list(self.forecaster)):
+            for _ in range(horizon):
+                x = None
+                for i in reversed(range(len(self.forecaster))):
+                    h, states[i] = self.forecaster[i](x, states[i])
+                    if keys_values is not None:
+                        h = self.attention[i](h, *keys_values[i])
+                    x = self.up[i](h)  # (B, C_{i-1}, h_{i-1}, w_{i-1})
+                preds.append(unpatchify(self.out_act(self.head(x)), self.patch))
         return torch.stack(preds, dim=1)  # (B, horizon, C, H, W)
 
 

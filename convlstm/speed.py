@@ -15,6 +15,9 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 - cuda_graph: the whole forward and backward of a training step captured once as a CUDA graph
   and replayed: no Python or launch overhead per kernel (static shapes; CUDA only).
 - fused_optimizer: Adam / AdamW's fused CUDA kernel for all parameters at once.
+- batched_wgrad: each ConvLSTM gate weight's gradient computed once per sequence, over all
+  its steps stacked (convlstm.wgrad), instead of one small product per step summed in the
+  compute dtype. More peak memory (each step's gate gradient is kept); not with checkpointing.
 - checkpointing: each recurrent step is recomputed in backward instead of stored.
 """
 
@@ -43,7 +46,15 @@ class SpeedOptions:
     channels_last: bool = False
     cuda_graph: bool = False
     fused_optimizer: bool = False
+    batched_wgrad: bool = False
     checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batched_wgrad and self.checkpointing:
+            raise ConfigError(
+                "batched_wgrad keeps every step's input and gradient until the weights' "
+                "gradient is made, which checkpointing exists to avoid: use one or the other"
+            )
 
     @classmethod
     def for_path(cls, path: str, device: torch.device, checkpointing: bool = False) -> SpeedOptions:
@@ -91,6 +102,7 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
         if isinstance(module, ConvLSTMCell):
             plain = module.peephole == "none" and module.norm.kind == "none"
             module.fused_update = fused if plain else None
+            module.batched_wgrad = options.batched_wgrad
     layout = torch.channels_last if options.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     return model

@@ -62,6 +62,7 @@ VARIANTS: dict[str, tuple[str, Callable[[torch.device], SpeedOptions]]] = {
     "fast-checkpointing": ("auto", lambda device: _fast(device, checkpointing=True)),
     "fast-with-channels-last": ("auto", lambda device: _fast(device, channels_last=True)),
     "fast-with-fused-gates": ("auto", lambda device: _fast(device, fused_gates=True)),
+    "fast-with-batched-wgrad": ("auto", lambda device: _fast(device, batched_wgrad=True)),
 }
 DEFAULT_VARIANTS = {
     "cuda": [
@@ -71,6 +72,7 @@ DEFAULT_VARIANTS = {
         "fast-no-graph",
         "fast-no-fused-gates",
         "fast-no-hoist",
+        "fast-with-batched-wgrad",
         "fast-checkpointing",
     ],
     "cpu": ["eager-fp32", "fast", "fast-with-channels-last", "fast-with-fused-gates"],
@@ -399,7 +401,7 @@ def profile_training(
 
 
 def _train_line(e: dict[str, Any]) -> str:
-    head = f"{e['variant']:<22} {e['precision']:<5} {e['batch']:>5}"
+    head = f"{e['variant']:<24} {e['precision']:<5} {e['batch']:>5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
     peak = f"{e['peak_memory_gib']:8.2f}" if e["peak_memory_gib"] is not None else "       -"
@@ -410,7 +412,7 @@ def _train_line(e: dict[str, Any]) -> str:
 
 
 def _infer_line(e: dict[str, Any]) -> str:
-    head = f"{e['variant']:<22} {e['precision']:<5}"
+    head = f"{e['variant']:<24} {e['precision']:<5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
     return f"{head} {e['stream_step_ms']:12.3f} {e['forecast_seq_per_s']:14.1f}"
@@ -424,7 +426,7 @@ def _print_table(report: dict[str, Any]) -> None:
         f"{report['flops_per_train_sequence'] / 1e9:.1f} GFLOP per training sequence"
     )
     print(
-        f"{'training path':<22} {'prec':<5} {'batch':>5} {'seq/s':>10} {'TFLOP/s':>8} "
+        f"{'training path':<24} {'prec':<5} {'batch':>5} {'seq/s':>10} {'TFLOP/s':>8} "
         f"{'ceiling':>8} {'peak GiB':>8} {'warm s':>8}"
     )
     for entry in report["training"]:
@@ -438,7 +440,7 @@ def _print_table(report: dict[str, Any]) -> None:
                 print(f"fast / {reference} at batch {batch}: {rate / rates[reference, batch]:.2f}x")
     if report["inference"]:
         print(
-            f"{'inference path':<22} {'prec':<5} {'stream ms/step':>12} "
+            f"{'inference path':<24} {'prec':<5} {'stream ms/step':>12} "
             f"{'forecast seq/s':>14} (batch 1 / {report['forecast_batch']})"
         )
         for entry in report["inference"]:

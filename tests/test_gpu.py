@@ -1,8 +1,11 @@
 """CUDA training in reduced precision (skipped without a GPU)."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from convlstm.speed import SpeedOptions
 from tests.conftest import cuda_or_skip
 from tests.test_training import _train
 
@@ -35,11 +38,24 @@ def test_auto_precision_is_bf16_on_cuda(tmp_path):
     assert resolve_precision("auto", device)[0] == torch.bfloat16
 
 
-def test_fast_path_with_a_cuda_graph_follows_eager_training(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batched_wgrad", [False, True], ids=["", "batched-wgrad"])
+def test_fast_path_with_a_cuda_graph_follows_eager_training(tmp_path, monkeypatch, batched_wgrad):
     """fp32, scheduled sampling active for the first steps (the graph reads a mask), then
-    off (an all-False mask): the graphed run follows the eager one."""
+    off (an all-False mask): the graphed run follows the eager one; also with the gate
+    weights' gradients batched over time (convlstm.wgrad) inside the graph."""
     device = cuda_or_skip()
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 convolutions
+    if batched_wgrad:
+        for_path = SpeedOptions.for_path
+        monkeypatch.setattr(
+            SpeedOptions,
+            "for_path",
+            classmethod(
+                lambda cls, path, dev, checkpointing=False: dataclasses.replace(
+                    for_path(path, dev, checkpointing), batched_wgrad=path == "fast"
+                )
+            ),
+        )
     runs = {
         path: _train(
             tmp_path,
@@ -53,6 +69,7 @@ def test_fast_path_with_a_cuda_graph_follows_eager_training(tmp_path, monkeypatc
         for path in ("eager", "fast")
     }
     assert "cuda_graph" in runs["fast"]["speed"] and runs["eager"]["speed"] == "eager"
+    assert ("batched_wgrad" in runs["fast"]["speed"]) == batched_wgrad
     eager = torch.tensor([loss for _, loss in runs["eager"]["losses"]])
     fast = torch.tensor([loss for _, loss in runs["fast"]["losses"]])
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-6)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, gate_bias, with_input
 from convlstm.errors import ConfigError, ShapeError
+from convlstm.wgrad import WeightGradBatch
 
 PEEPHOLES = ("none", "channel", "position")
 
@@ -48,6 +49,8 @@ class ConvLSTMCell(RecurrentCell):
 
     state_size = 2
     fused_update = None  # set by convlstm.speed: convlstm.gates' update for the plain cell
+    batched_wgrad = False  # set by convlstm.speed: the gate weights' gradient batched over time
+    wgrad_batch = None  # the open sequence's WeightGradBatch (convlstm.wgrad), if any
 
     def __init__(
         self,
@@ -87,23 +90,27 @@ class ConvLSTMCell(RecurrentCell):
 
     def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         h, c = state
-        return self._update(self.conv(with_input(x, h)), c)
+        xh = with_input(x, h)
+        batch = self.wgrad_batch
+        return self._update(self.conv(xh) if batch is None else batch.conv(xh), c)
 
     # The hoisted form (convlstm.speed): W * [x, h] = W_x * x + W_h * h, so the input part can
     # be computed for many frames in one convolution, and W_h * h skipped while h is zero.
-    def split_weights(self) -> tuple[Tensor, Tensor]:
+    def split_weights(self) -> tuple[Tensor, Tensor | WeightGradBatch]:
         """(W_x, W_h), made once per sequence: dense, in the autocast dtype if autocast is on
-        (so the per-step convolutions neither copy nor cast them)."""
+        (so the per-step convolutions neither copy nor cast them); W_h as a WeightGradBatch
+        with `batched_wgrad` while grad is enabled."""
         weight = self.conv.weight
         kind = weight.device.type
         if torch.is_autocast_enabled(kind):
             weight = weight.to(torch.get_autocast_dtype(kind))
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         n = self.in_channels
-        return (
-            weight[:, :n].contiguous(memory_format=layout),
-            weight[:, n:].contiguous(memory_format=layout),
-        )
+        w_x = weight[:, :n].contiguous(memory_format=layout)
+        w_h = weight[:, n:].contiguous(memory_format=layout)
+        if self.batched_wgrad and torch.is_grad_enabled():
+            return w_x, WeightGradBatch(w_h, None, self.kernel_size // 2)
+        return w_x, w_h
 
     def project_input(self, x: Tensor, weights: tuple[Tensor, Tensor]) -> Tensor:
         """W_x * x + b for frames x (N, C_in, H, W) -> (N, 4C, H, W)."""
@@ -113,12 +120,18 @@ class ConvLSTMCell(RecurrentCell):
         self,
         from_x: Tensor,
         state: tuple[Tensor, ...],
-        weights: tuple[Tensor, Tensor],
+        weights: tuple[Tensor, Tensor | WeightGradBatch],
         zero_state: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """step() given project_input(x); zero_state: h is known to be zero (skip W_h * h)."""
         h, c = state
-        from_h = None if zero_state else F.conv2d(h, weights[1], padding=self.kernel_size // 2)
+        w_h = weights[1]
+        if zero_state:
+            from_h = None
+        elif isinstance(w_h, WeightGradBatch):
+            from_h = w_h.conv(h)
+        else:
+            from_h = F.conv2d(h, w_h, padding=self.kernel_size // 2)
         return self._update(from_x, c, from_h)
 
     def _update(self, z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:

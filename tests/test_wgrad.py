@@ -1,0 +1,168 @@
+"""Weight gradients batched over time (convlstm.wgrad): the same gradients as autograd's
+step-by-step ones, made in one call per weight per sequence."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from convlstm.config import ModelConfig
+from convlstm.errors import ConfigError
+from convlstm.models import build_model
+from convlstm.speed import SpeedOptions, apply_speed
+from convlstm.wgrad import WeightGradBatch, batched_weight_grads
+from tests.test_speed import _pair, _run
+
+
+class ConvBackwardCount(TorchDispatchMode):
+    """Counts convolution backward calls: all, and those that make a weight gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = self.weight_calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.calls += 1
+            self.weight_calls += bool(args[-1][1])  # output_mask: (input, weight, bias)
+        return func(*args, **(kwargs or {}))
+
+
+def _recurrence(conv, weight, steps, x0, extra):
+    """A toy recurrence through one shared convolution; loss also reads the weight directly."""
+    h, outs = x0, []
+    for t in range(steps):
+        h = torch.tanh(conv(h) + extra[t])
+        outs.append(h)
+    return torch.stack(outs).square().sum() + weight.sum() * 0.5
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_batched_weight_gradient_equals_the_per_step_one_in_float64(with_bias):
+    torch.manual_seed(0)
+    weight = torch.randn(3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True) if with_bias else None
+    x0 = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    extra = torch.randn(4, 2, 3, 5, 6, dtype=torch.float64)
+    params = [weight, x0] + ([bias] if with_bias else [])
+
+    def plain(h):
+        return F.conv2d(h, weight, bias, padding=1)
+
+    loss = _recurrence(plain, weight, 4, x0, extra)
+    expected = torch.autograd.grad(loss, params)
+    batch = WeightGradBatch(weight, bias, padding=1)
+    loss_b = _recurrence(batch.conv, weight, 4, x0, extra)
+    torch.testing.assert_close(loss_b, loss, rtol=1e-12, atol=0)
+    got = torch.autograd.grad(loss_b, params)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_weight_gradient_is_one_call_per_sequence():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 4, 3, 3, requires_grad=True)
+    x0 = torch.randn(2, 4, 6, 6, requires_grad=True)
+    extra = torch.zeros(5, 2, 4, 6, 6)
+    counts = {}
+    for name in ("plain", "batched"):
+        conv = (
+            WeightGradBatch(weight, None, padding=1).conv
+            if name == "batched"
+            else lambda h: F.conv2d(h, weight, padding=1)
+        )
+        loss = _recurrence(conv, weight, 5, x0, extra)
+        with ConvBackwardCount() as counts[name]:
+            loss.backward()
+    assert (counts["plain"].calls, counts["plain"].weight_calls) == (5, 5)
+    assert (counts["batched"].calls, counts["batched"].weight_calls) == (6, 1)
+
+
+def test_batched_convolution_casts_like_autocast():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(8, 4, 3, 3), torch.randn(8)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.conv2d(x, weight, bias, padding=1)
+        got = WeightGradBatch(weight, bias, padding=1).conv(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, hoist",
+    [
+        (dict(), True),
+        (dict(), False),
+        (dict(cell="peephole_convlstm"), True),
+        (dict(norm="layer"), True),
+    ],
+    ids=["convlstm-hoisted", "convlstm-per-step", "peephole", "layer-norm"],
+)
+def test_model_with_batched_weight_gradients_equals_eager_in_float64(overrides, hoist):
+    config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2, **overrides)
+    options = SpeedOptions(hoist=hoist, channels_last=True, batched_wgrad=True)
+    eager, fast = _pair(config, options)
+    frames = torch.rand(3, 11, 1, 8, 8, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
+    out_e, grads_e = _run(eager, frames, mask)
+    out_f, grads_f = _run(fast, frames, mask)
+    torch.testing.assert_close(out_f, out_e, rtol=1e-12, atol=1e-12)
+    for name in grads_e:
+        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-10, atol=1e-12)
+
+
+def test_encoder_forecaster_with_batched_weight_gradients_equals_eager():
+    config = ModelConfig(
+        architecture="encoder_forecaster",
+        hidden_channels=(4, 6),  # stage strides (1, 2)
+        kernel_size=3,
+        patch_size=2,
+    )
+    eager, fast = _pair(config, SpeedOptions(hoist=True, batched_wgrad=True), torch.float64)
+    frames = torch.rand(2, 5, 1, 8, 8, dtype=torch.float64)
+    for model in (eager, fast):
+        model(frames, 4).square().mean().backward()
+    torch.testing.assert_close(fast(frames, 4), eager(frames, 4), rtol=1e-12, atol=1e-12)
+    for (name, p_e), p_f in zip(eager.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(p_f.grad, p_e.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_model_makes_each_gate_weight_gradient_once_per_phase():
+    """Two layers: the hoisted context (one W_h batch per layer, plus W_x's one convolution)
+    and the forecast (one batch per layer), where step by step there is one per step."""
+    config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2)
+    frames = torch.rand(2, 8, 1, 8, 8)
+    counts = {}
+    for batched in (False, True):
+        torch.manual_seed(0)
+        model = apply_speed(build_model(config), SpeedOptions(hoist=True, batched_wgrad=batched))
+        state = model.encode(frames[:, :4])
+        loss = model.forecast(state, 4).square().mean()
+        with ConvBackwardCount() as counts[batched]:
+            loss.backward()
+    head = 1  # the 1x1 output convolution, applied once per forecast step: not batched
+    # per layer: W_x once, W_h at context steps 2..4, the [x, h] convolution at 3 forecast steps
+    assert counts[False].weight_calls == 2 * (1 + 3 + 3) + 4 * head
+    assert counts[True].weight_calls == 2 * (1 + 1 + 1) + 4 * head
+
+
+def test_no_batch_without_grad_and_the_scope_always_closes():
+    config = ModelConfig(hidden_channels=(4,), kernel_size=3, patch_size=2)
+    model = apply_speed(build_model(config), SpeedOptions(batched_wgrad=True))
+    cell = model.layers[0].cell
+    with torch.no_grad(), batched_weight_grads([cell]):
+        assert cell.wgrad_batch is None
+    with pytest.raises(RuntimeError, match="inside"):
+        with batched_weight_grads([cell]):
+            assert isinstance(cell.wgrad_batch, WeightGradBatch)
+            raise RuntimeError("inside")
+    assert cell.wgrad_batch is None
+    with torch.no_grad():  # inference: plain convolutions, nothing kept
+        model(torch.rand(1, 3, 1, 8, 8), 2)
+    assert cell.wgrad_batch is None
+
+
+def test_batched_weight_gradients_refuse_checkpointing():
+    with pytest.raises(ConfigError, match="batched_wgrad .* checkpointing"):
+        SpeedOptions(batched_wgrad=True, checkpointing=True)
