@@ -59,11 +59,12 @@ class SpeedOptions:
     @classmethod
     def for_path(cls, path: str, device: torch.device, checkpointing: bool = False) -> SpeedOptions:
         """Options for TrainConfig.path. "eager": the readable reference. "fast": the
-        options that paid on the device in experiments/benchmark. On CUDA all of them but
-        batched_wgrad, which has not been measured on a GPU yet (H100, ConvLSTM-S: 2.8x
-        eager bf16 at batch 16, 1.1x at batch 64). On the CPU only hoisting: training there
-        is bound by the convolutions' arithmetic; channels-last, compiled gates and batched
-        weight gradients measured no better than eager within this CPU's noise."""
+        options that paid on the device in experiments/benchmark. On CUDA (H100,
+        ConvLSTM-S: 2.8x eager bf16 at batch 16, 1.1x at batch 64) all of them but
+        batched_wgrad, which has not been measured on a GPU yet. On the CPU only hoisting:
+        training there is bound by the convolutions' arithmetic; channels-last, compiled
+        gates and batched weight gradients measured no better than eager within this CPU's
+        noise."""
         if path == "eager":
             return cls(checkpointing=checkpointing)
         if path != "fast":

@@ -2,10 +2,11 @@
 
 A recurrent cell applies the same convolution at every step, so autograd computes that
 weight's gradient step by step (one small GEMM each) and adds the pieces, in the compute dtype
-(bf16 under autocast). `WeightGradBatch` keeps each step's input and output gradient instead
-and computes the weight and bias gradients once, over all steps stacked along the batch, when
-the backward pass reaches the weight: the same sum, in one convolution backward that
-accumulates in float32.
+(bf16 under autocast, where the weight is cast once per sequence). `WeightGradBatch` keeps
+each step's input and output gradient instead and computes the weight and bias gradients
+once, over all steps stacked along the batch, when the backward pass reaches the weight: the
+same sum, in one convolution backward (accumulated inside the call, rounded to the compute
+dtype once).
 
     batch = WeightGradBatch(weight, bias, padding)   # once per sequence, with grad enabled
     for t in range(T):
@@ -33,7 +34,8 @@ _conv_backward = torch.ops.aten.convolution_backward
 class _Tape:
     """One sequence's per-step (input, output gradient) pairs, in the order backward meets them.
     Kept apart from WeightGradBatch (which holds the weight, whose autograd node holds the
-    tape), so that no reference cycle keeps a step's tensors alive after backward."""
+    tape), and the pairs are kept detached, so that no reference cycle keeps a step's
+    tensors alive after backward."""
 
     def __init__(self, padding: int) -> None:
         self.padding = padding
@@ -84,6 +86,7 @@ class _TapedConv(Function):
     @staticmethod
     def forward(ctx, x: Tensor, tape: _Tape, weight: Tensor, *bias: Tensor):
         ctx.tape = tape
+        ctx.head = weight.grad_fn  # _Head's node, None when nothing needs the weight's gradient
         ctx.save_for_backward(x, weight)
         with torch.autocast(x.device.type, enabled=False):  # operands are already cast
             return F.conv2d(x, weight, bias[0] if bias else None, padding=tape.padding)
@@ -91,13 +94,22 @@ class _TapedConv(Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
+        if grad.requires_grad:
+            raise RuntimeError(
+                "batched weight gradients (convlstm.wgrad) cannot be differentiated again: "
+                "no create_graph=True with SpeedOptions.batched_wgrad"
+            )
         x, weight = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _grads(ctx.tape, x, grad, weight, [True, False, False])[0]
-        if any(ctx.needs_input_grad[2:]):
-            ctx.tape.inputs.append(x)
-            ctx.tape.grads.append(grad)
+        # keep the pair only for a backward that will reach the weight (not, say, for
+        # autograd.grad of the inputs alone, whose pairs would be counted again later);
+        # detached, so the kept tensors hold no graph that leads back to the tape
+        head = ctx.head
+        if head is not None and torch._C._will_engine_execute_node(head):
+            ctx.tape.inputs.append(x.detach())
+            ctx.tape.grads.append(grad.detach())
         return (dx, None, None, *([None] * (len(ctx.needs_input_grad) - 3)))
 
 

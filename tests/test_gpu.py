@@ -38,6 +38,20 @@ def test_auto_precision_is_bf16_on_cuda(tmp_path):
     assert resolve_precision("auto", device)[0] == torch.bfloat16
 
 
+def _fast_path_batches_weight_grads(monkeypatch) -> None:
+    """TrainConfig.path="fast" with SpeedOptions.batched_wgrad on (off by default)."""
+    for_path = SpeedOptions.for_path
+    monkeypatch.setattr(
+        SpeedOptions,
+        "for_path",
+        classmethod(
+            lambda cls, path, dev, checkpointing=False: dataclasses.replace(
+                for_path(path, dev, checkpointing), batched_wgrad=path == "fast"
+            )
+        ),
+    )
+
+
 @pytest.mark.parametrize("batched_wgrad", [False, True], ids=["", "batched-wgrad"])
 def test_fast_path_with_a_cuda_graph_follows_eager_training(tmp_path, monkeypatch, batched_wgrad):
     """fp32, scheduled sampling active for the first steps (the graph reads a mask), then
@@ -46,16 +60,7 @@ def test_fast_path_with_a_cuda_graph_follows_eager_training(tmp_path, monkeypatc
     device = cuda_or_skip()
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 convolutions
     if batched_wgrad:
-        for_path = SpeedOptions.for_path
-        monkeypatch.setattr(
-            SpeedOptions,
-            "for_path",
-            classmethod(
-                lambda cls, path, dev, checkpointing=False: dataclasses.replace(
-                    for_path(path, dev, checkpointing), batched_wgrad=path == "fast"
-                )
-            ),
-        )
+        _fast_path_batches_weight_grads(monkeypatch)
     runs = {
         path: _train(
             tmp_path,
@@ -88,6 +93,24 @@ def test_bf16_fast_training_lowers_the_loss(tmp_path):
         path="fast",
         activation_checkpointing=True,
     )
+    losses = [loss for _, loss in result["losses"]]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_bf16_graphed_training_with_batched_weight_grads_lowers_the_loss(tmp_path, monkeypatch):
+    device = cuda_or_skip()
+    _fast_path_batches_weight_grads(monkeypatch)
+    result = _train(
+        tmp_path,
+        "bf16-batched",
+        steps=40,
+        log_every=10,
+        checkpoint_every=0,
+        precision="bf16",
+        device=str(device),
+        path="fast",
+    )
+    assert "cuda_graph" in result["speed"] and "batched_wgrad" in result["speed"]
     losses = [loss for _, loss in result["losses"]]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 

@@ -78,6 +78,31 @@ def test_batched_weight_gradient_is_one_call_per_sequence():
     assert (counts["batched"].calls, counts["batched"].weight_calls) == (6, 1)
 
 
+def test_a_backward_that_stops_short_of_the_weight_keeps_nothing():
+    """autograd.grad of the first state alone must not leave its steps in the batch (a later
+    full backward would count them twice, and they would stay alive)."""
+    torch.manual_seed(0)
+    weight = torch.randn(3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    x0 = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    extra = torch.randn(4, 2, 3, 5, 5, dtype=torch.float64)
+    expected = torch.autograd.grad(
+        _recurrence(lambda h: F.conv2d(h, weight, padding=1), weight, 4, x0, extra), weight
+    )
+    batch = WeightGradBatch(weight, None, padding=1)
+    loss = _recurrence(batch.conv, weight, 4, x0, extra)
+    torch.autograd.grad(loss, x0, retain_graph=True)
+    assert batch.tape.inputs == [] and batch.tape.grads == []
+    torch.testing.assert_close(torch.autograd.grad(loss, weight), expected, rtol=1e-10, atol=0)
+
+
+def test_batched_weight_gradient_refuses_a_second_order_graph():
+    weight = torch.randn(2, 2, 3, 3, requires_grad=True)
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    loss = WeightGradBatch(weight, None, padding=1).conv(x).square().sum()
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(loss, weight, create_graph=True)
+
+
 def test_batched_convolution_casts_like_autocast():
     torch.manual_seed(0)
     weight, bias = torch.randn(8, 4, 3, 3), torch.randn(8)
@@ -128,23 +153,37 @@ def test_encoder_forecaster_with_batched_weight_gradients_equals_eager():
         torch.testing.assert_close(p_f.grad, p_e.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_model_makes_each_gate_weight_gradient_once_per_phase():
-    """Two layers: the hoisted context (one W_h batch per layer, plus W_x's one convolution)
-    and the forecast (one batch per layer), where step by step there is one per step."""
+def _weight_calls(config: ModelConfig, hoist: bool, batched: bool) -> int:
+    torch.manual_seed(0)
+    options = SpeedOptions(hoist=hoist, batched_wgrad=batched)
+    model = apply_speed(build_model(config), options)
+    loss = model(torch.rand(2, 4, 1, 8, 8), 4).square().mean()
+    with ConvBackwardCount() as count:
+        loss.backward()
+    return count.weight_calls
+
+
+@pytest.mark.parametrize(
+    "hoist, plain, batched",
+    # per layer: hoisted, W_x once + W_h at context steps 2..4 (plain) or once (batched); per
+    # step, the [x, h] convolution at the 4 context steps; then 3 forecast steps. The 1x1
+    # output convolution runs once per forecast step (4), not batched.
+    [(True, 2 * (1 + 3 + 3) + 4, 2 * (1 + 1 + 1) + 4), (False, 2 * (4 + 3) + 4, 2 * 2 + 4)],
+    ids=["hoisted", "per-step"],
+)
+def test_stacked_model_makes_each_gate_weight_gradient_once_per_phase(hoist, plain, batched):
     config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2)
-    frames = torch.rand(2, 8, 1, 8, 8)
-    counts = {}
-    for batched in (False, True):
-        torch.manual_seed(0)
-        model = apply_speed(build_model(config), SpeedOptions(hoist=True, batched_wgrad=batched))
-        state = model.encode(frames[:, :4])
-        loss = model.forecast(state, 4).square().mean()
-        with ConvBackwardCount() as counts[batched]:
-            loss.backward()
-    head = 1  # the 1x1 output convolution, applied once per forecast step: not batched
-    # per layer: W_x once, W_h at context steps 2..4, the [x, h] convolution at 3 forecast steps
-    assert counts[False].weight_calls == 2 * (1 + 3 + 3) + 4 * head
-    assert counts[True].weight_calls == 2 * (1 + 1 + 1) + 4 * head
+    assert _weight_calls(config, hoist, batched=False) == plain
+    assert _weight_calls(config, hoist, batched=True) == batched
+
+
+def test_encoder_forecaster_batches_its_encoder_and_forecaster_cells():
+    config = ModelConfig(
+        architecture="encoder_forecaster", hidden_channels=(4, 6), kernel_size=3, patch_size=2
+    )
+    saved = _weight_calls(config, True, False) - _weight_calls(config, True, True)
+    # encoder, 2 layers: W_h at steps 2..4 -> once; forecaster, 2 cells x 4 steps -> once each
+    assert saved == 2 * (3 - 1) + 2 * (4 - 1)
 
 
 def test_no_batch_without_grad_and_the_scope_always_closes():
