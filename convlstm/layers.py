@@ -8,8 +8,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from convlstm.cells.base import sequence_scope
 from convlstm.errors import ShapeError
-from convlstm.wgrad import batched_weight_grads
 
 
 def check_video(x: Tensor, name: str = "frames") -> None:
@@ -55,7 +55,7 @@ class ConvRNN(nn.Module):
                 outputs.append(state[0])
             return stack_time(outputs), state
         # one frame: squeeze, whose backward is a view, where unbind's would stack a copy
-        with batched_weight_grads([cell] if t > 1 else []):
+        with sequence_scope([cell] if t > 1 else []):
             for frame in x.unbind(1) if t > 1 else (x.squeeze(1),):
                 h, state = cell(frame, state)  # (B, C_hid, H, W)
                 outputs.append(h)

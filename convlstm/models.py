@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from convlstm.cells import CELLS, make_cell
+from convlstm.cells.base import sequence_scope
 from convlstm.config import ModelConfig
 from convlstm.errors import ShapeError
 from convlstm.fc_lstm import FCLSTMForecaster
@@ -30,7 +31,6 @@ from convlstm.layers import (
     patchify,
     unpatchify,
 )
-from convlstm.wgrad import batched_weight_grads
 
 
 def cell_options(config: ModelConfig, grid: tuple[int, int] | None) -> dict[str, Any]:
@@ -134,7 +134,7 @@ class StackedForecaster(Forecaster):
         if teacher_mask is not None and targets is None:
             raise ShapeError("teacher_mask needs targets")
         preds = [state.prediction]
-        with batched_weight_grads([layer.cell for layer in self.layers]):
+        with sequence_scope([layer.cell for layer in self.layers]):
             for k in range(horizon - 1):
                 feed = state.prediction
                 if teacher_mask is not None:
@@ -267,7 +267,7 @@ class EncoderForecaster(Forecaster):
             pairs = zip(self.attention, state.memory, strict=True)
             keys_values = [attention.keys_values(memory) for attention, memory in pairs]
         preds = []
-        with batched_weight_grads(list(self.forecaster)):
+        with sequence_scope(list(self.forecaster)):
             for _ in range(horizon):
                 x = None
                 for i in reversed(range(len(self.forecaster))):

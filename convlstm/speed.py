@@ -18,6 +18,9 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 - batched_wgrad: each ConvLSTM gate weight's gradient computed once per sequence, over all
   its steps stacked (convlstm.wgrad), instead of one small product per step summed in the
   compute dtype. More peak memory (each step's gate gradient is kept); not with checkpointing.
+- winograd: ConvLSTM 3x3 gate convolutions by Winograd's F(4x4, 3x3) (convlstm.winograd),
+  in float32: 2.25 multiplications per output instead of 9, for the CPU, where training is
+  bound by the convolutions' arithmetic. Other kernel sizes keep the direct convolution.
 - checkpointing: each recurrent step is recomputed in backward instead of stored.
 """
 
@@ -47,9 +50,15 @@ class SpeedOptions:
     cuda_graph: bool = False
     fused_optimizer: bool = False
     batched_wgrad: bool = False
+    winograd: bool = False
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        if self.batched_wgrad and self.winograd:
+            raise ConfigError(
+                "batched_wgrad and winograd are two ways to run the gate "
+                "convolution: use one or the other"
+            )
         if self.batched_wgrad and self.checkpointing:
             raise ConfigError(
                 "batched_wgrad keeps every step's input and gradient until the weights' "
@@ -61,10 +70,10 @@ class SpeedOptions:
         """Options for TrainConfig.path. "eager": the readable reference. "fast": the
         options that paid on the device in experiments/benchmark. On CUDA (H100,
         ConvLSTM-S: 2.8x eager bf16 at batch 16, 1.1x at batch 64) all of them but
-        batched_wgrad, which has not been measured on a GPU yet. On the CPU only hoisting:
-        training there is bound by the convolutions' arithmetic; channels-last, compiled
-        gates and batched weight gradients measured no better than eager within this CPU's
-        noise."""
+        batched_wgrad, not yet measured on a GPU, and winograd, which is for the CPU. On the
+        CPU, where training is bound by the convolutions' arithmetic, hoisting and Winograd
+        3x3 convolutions (mmnist-cpu-small, batch 16: 1.3x eager); channels-last and
+        compiled gates measured no better than eager within this CPU's noise."""
         if path == "eager":
             return cls(checkpointing=checkpointing)
         if path != "fast":
@@ -72,6 +81,7 @@ class SpeedOptions:
         cuda = torch.device(device).type == "cuda"
         return cls(
             hoist=True,
+            winograd=not cuda,
             fused_gates=cuda,
             channels_last=cuda,
             cuda_graph=cuda,
@@ -105,6 +115,7 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
             plain = module.peephole == "none" and module.norm.kind == "none"
             module.fused_update = fused if plain else None
             module.batched_wgrad = options.batched_wgrad
+            module.winograd = options.winograd and module.kernel_size == 3
     layout = torch.channels_last if options.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     return model

@@ -19,12 +19,9 @@ per step); so this does not combine with activation checkpointing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
@@ -132,22 +129,3 @@ class WeightGradBatch:
     def conv(self, x: Tensor) -> Tensor:
         bias = [] if self.bias is None else [self.bias]
         return _TapedConv.apply(x.to(self.weight.dtype), self.tape, self.weight, *bias)
-
-
-@contextmanager
-def batched_weight_grads(cells: list[nn.Module]) -> Iterator[None]:
-    """While open (and grad is enabled), every cell of `cells` whose `batched_wgrad` is set
-    and that is not already in a batch runs its per-step gate convolution through one
-    WeightGradBatch (the cell's `wgrad_batch`). Closing it ends the sequence."""
-    opened = []
-    if torch.is_grad_enabled():
-        for cell in cells:
-            if getattr(cell, "batched_wgrad", False) and cell.wgrad_batch is None:
-                conv = cell.conv
-                cell.wgrad_batch = WeightGradBatch(conv.weight, conv.bias, conv.padding[0])
-                opened.append(cell)
-    try:
-        yield
-    finally:
-        for cell in opened:
-            cell.wgrad_batch = None

@@ -62,7 +62,11 @@ VARIANTS: dict[str, tuple[str, Callable[[torch.device], SpeedOptions]]] = {
     "fast-checkpointing": ("auto", lambda device: _fast(device, checkpointing=True)),
     "fast-with-channels-last": ("auto", lambda device: _fast(device, channels_last=True)),
     "fast-with-fused-gates": ("auto", lambda device: _fast(device, fused_gates=True)),
-    "fast-with-batched-wgrad": ("auto", lambda device: _fast(device, batched_wgrad=True)),
+    "fast-with-batched-wgrad": (
+        "auto",
+        lambda device: _fast(device, batched_wgrad=True, winograd=False),
+    ),
+    "fast-no-winograd": ("auto", lambda device: _fast(device, winograd=False)),
 }
 DEFAULT_VARIANTS = {
     "cuda": [
@@ -75,7 +79,7 @@ DEFAULT_VARIANTS = {
         "fast-with-batched-wgrad",
         "fast-checkpointing",
     ],
-    "cpu": ["eager-fp32", "fast", "fast-with-channels-last", "fast-with-fused-gates"],
+    "cpu": ["eager-fp32", "fast", "fast-no-winograd", "fast-with-batched-wgrad"],
 }
 
 

@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from convlstm.cells.base import sequence_scope
 from convlstm.config import ModelConfig
 from convlstm.errors import ConfigError
 from convlstm.models import build_model
 from convlstm.speed import SpeedOptions, apply_speed
-from convlstm.wgrad import WeightGradBatch, batched_weight_grads
+from convlstm.wgrad import WeightGradBatch
 from tests.test_speed import _pair, _run
 
 
@@ -190,16 +191,16 @@ def test_no_batch_without_grad_and_the_scope_always_closes():
     config = ModelConfig(hidden_channels=(4,), kernel_size=3, patch_size=2)
     model = apply_speed(build_model(config), SpeedOptions(batched_wgrad=True))
     cell = model.layers[0].cell
-    with torch.no_grad(), batched_weight_grads([cell]):
-        assert cell.wgrad_batch is None
+    with torch.no_grad(), sequence_scope([cell]):
+        assert cell.sequence_conv is None
     with pytest.raises(RuntimeError, match="inside"):
-        with batched_weight_grads([cell]):
-            assert isinstance(cell.wgrad_batch, WeightGradBatch)
+        with sequence_scope([cell]):
+            assert cell.sequence_conv.__self__.__class__ is WeightGradBatch
             raise RuntimeError("inside")
-    assert cell.wgrad_batch is None
+    assert cell.sequence_conv is None
     with torch.no_grad():  # inference: plain convolutions, nothing kept
         model(torch.rand(1, 3, 1, 8, 8), 2)
-    assert cell.wgrad_batch is None
+    assert cell.sequence_conv is None
 
 
 def test_batched_weight_gradients_refuse_checkpointing():

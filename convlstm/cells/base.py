@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +104,25 @@ class RecurrentCell(nn.Module):
 
     def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         raise NotImplementedError
+
+
+@contextmanager
+def sequence_scope(cells) -> Iterator[None]:
+    """While open, each cell of `cells` that has `open_sequence` (and no open sequence yet)
+    runs its steps' gate convolution through what that returns: work that is the same for
+    every step (a weight transform, a batched weight gradient) is done once per sequence.
+    Closing it ends the sequence; a cell with nothing to do per sequence is left as is."""
+    opened = []
+    for cell in cells:
+        if getattr(cell, "open_sequence", None) is not None and cell.sequence_conv is None:
+            cell.sequence_conv = cell.open_sequence()
+            if cell.sequence_conv is not None:
+                opened.append(cell)
+    try:
+        yield
+    finally:
+        for cell in opened:
+            cell.sequence_conv = None
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -9,6 +11,9 @@ from torch import Tensor, nn
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, gate_bias, with_input
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.wgrad import WeightGradBatch
+from convlstm.winograd import transform_weight, winograd_conv3x3
+
+Conv = Callable[[Tensor], Tensor]
 
 PEEPHOLES = ("none", "channel", "position")
 
@@ -50,7 +55,8 @@ class ConvLSTMCell(RecurrentCell):
     state_size = 2
     fused_update = None  # set by convlstm.speed: convlstm.gates' update for the plain cell
     batched_wgrad = False  # set by convlstm.speed: the gate weights' gradient batched over time
-    wgrad_batch = None  # the open sequence's WeightGradBatch (convlstm.wgrad), if any
+    winograd = False  # set by convlstm.speed: 3x3 gate convolutions by Winograd's F(4x4, 3x3)
+    sequence_conv = None  # the gate convolution while a sequence is open (sequence_scope)
 
     def __init__(
         self,
@@ -88,51 +94,70 @@ class ConvLSTMCell(RecurrentCell):
             self.w_cf = nn.Parameter(torch.zeros(shape))
             self.w_co = nn.Parameter(torch.zeros(shape))
 
-    def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor | None, state: tuple[Tensor, ...] | None = None):
+        state = self.prepare_state(x, state)
+        # the open sequence's convolution, passed in, so that a checkpointed step recomputed
+        # in backward (after the sequence closed) runs the same one
+        conv = self.conv if self.sequence_conv is None else self.sequence_conv
+        state = self.run_step(self.step, x, state, conv)
+        return state[0], state
+
+    def step(
+        self, x: Tensor | None, state: tuple[Tensor, ...], conv: Conv | None = None
+    ) -> tuple[Tensor, Tensor]:
         h, c = state
-        xh = with_input(x, h)
-        batch = self.wgrad_batch
-        return self._update(self.conv(xh) if batch is None else batch.conv(xh), c)
+        return self._update((conv or self.conv)(with_input(x, h)), c)
+
+    def open_sequence(self) -> Conv | None:
+        """The gate convolution for the steps of one sequence (see sequence_scope), or None
+        for the plain self.conv."""
+        if self.winograd or (self.batched_wgrad and torch.is_grad_enabled()):
+            return self._sequence_conv(self.conv.weight, self.conv.bias, batch=True)
+        return None
+
+    def _sequence_conv(self, weight: Tensor, bias: Tensor | None, batch: bool) -> Conv:
+        """x -> W * x + b for one sequence, the per-sequence work done here once: the Winograd
+        transform of W (float32), or (batch) the bookkeeping of a batched weight gradient."""
+        if self.winograd:
+            v = transform_weight(weight)
+            return lambda x: winograd_conv3x3(x.to(v.dtype), v, bias)
+        if batch and self.batched_wgrad and torch.is_grad_enabled():
+            return WeightGradBatch(weight, bias, self.kernel_size // 2).conv
+        return lambda x: F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
 
     # The hoisted form (convlstm.speed): W * [x, h] = W_x * x + W_h * h, so the input part can
     # be computed for many frames in one convolution, and W_h * h skipped while h is zero.
-    def split_weights(self) -> tuple[Tensor, Tensor | WeightGradBatch]:
-        """(W_x, W_h), made once per sequence: dense, in the autocast dtype if autocast is on
-        (so the per-step convolutions neither copy nor cast them); W_h as a WeightGradBatch
-        with `batched_wgrad` while grad is enabled."""
+    def split_weights(self) -> tuple[Conv, Conv]:
+        """(W_x * . + b, W_h * .), made once per sequence: W_x and W_h dense, in the autocast
+        dtype if autocast is on (so the per-step convolutions neither copy nor cast them),
+        Winograd-transformed with `winograd`; W_h's gradient batched with `batched_wgrad`."""
         weight = self.conv.weight
         kind = weight.device.type
-        if torch.is_autocast_enabled(kind):
+        if torch.is_autocast_enabled(kind) and not self.winograd:
             weight = weight.to(torch.get_autocast_dtype(kind))
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         n = self.in_channels
         w_x = weight[:, :n].contiguous(memory_format=layout)
         w_h = weight[:, n:].contiguous(memory_format=layout)
-        if self.batched_wgrad and torch.is_grad_enabled():
-            return w_x, WeightGradBatch(w_h, None, self.kernel_size // 2)
-        return w_x, w_h
+        return (
+            self._sequence_conv(w_x, self.conv.bias, batch=False),
+            self._sequence_conv(w_h, None, batch=True),
+        )
 
-    def project_input(self, x: Tensor, weights: tuple[Tensor, Tensor]) -> Tensor:
+    def project_input(self, x: Tensor, weights: tuple[Conv, Conv]) -> Tensor:
         """W_x * x + b for frames x (N, C_in, H, W) -> (N, 4C, H, W)."""
-        return F.conv2d(x, weights[0], self.conv.bias, padding=self.kernel_size // 2)
+        return weights[0](x)
 
     def step_projected(
         self,
         from_x: Tensor,
         state: tuple[Tensor, ...],
-        weights: tuple[Tensor, Tensor | WeightGradBatch],
+        weights: tuple[Conv, Conv],
         zero_state: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """step() given project_input(x); zero_state: h is known to be zero (skip W_h * h)."""
         h, c = state
-        w_h = weights[1]
-        if zero_state:
-            from_h = None
-        elif isinstance(w_h, WeightGradBatch):
-            from_h = w_h.conv(h)
-        else:
-            from_h = F.conv2d(h, w_h, padding=self.kernel_size // 2)
-        return self._update(from_x, c, from_h)
+        return self._update(from_x, c, None if zero_state else weights[1](h))
 
     def _update(self, z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(h', c') from the gate convolution's output z (+ z_more) (B, 4C, H, W) and c."""

@@ -1,0 +1,133 @@
+"""Winograd F(4x4, 3x3) convolutions (convlstm.winograd): equal to F.conv2d in float64, close
+in float32, and what the CPU fast path runs for 3x3 ConvLSTM gates."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from convlstm.config import ModelConfig
+from convlstm.errors import ConfigError
+from convlstm.models import build_model
+from convlstm.speed import SpeedOptions, apply_speed
+from convlstm.winograd import transform_weight, winograd_conv3x3
+from tests.test_speed import _pair, _run
+
+
+@pytest.mark.parametrize(
+    "n, c_in, c_out, h, w",
+    [(2, 3, 5, 8, 8), (1, 4, 2, 7, 9), (3, 2, 3, 5, 4), (1, 1, 1, 1, 1), (2, 6, 4, 12, 16)],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_equals_the_direct_convolution_in_float64(n, c_in, c_out, h, w, channels_last):
+    torch.manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, c_in, h, w, dtype=torch.float64).contiguous(memory_format=layout)
+    x.requires_grad_()
+    weight = torch.randn(c_out, c_in, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c_out, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(x, weight, bias, padding=1)
+    got = winograd_conv3x3(x, transform_weight(weight), bias)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad(got, (x, weight, bias), upstream)
+    expected_grads = torch.autograd.grad(expected, (x, weight, bias), upstream)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_hand_written_backward_passes_gradcheck():
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w: winograd_conv3x3(x, transform_weight(w)), (x, weight)
+    )
+
+
+def test_float32_error_stays_near_the_direct_convolutions():
+    """About one decimal digit more rounding than the direct convolution, no worse."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 128, 8, 8, dtype=torch.float64)
+    weight = torch.randn(256, 128, 3, 3, dtype=torch.float64) / 30
+    exact = F.conv2d(x, weight, padding=1)
+    got = winograd_conv3x3(x.float(), transform_weight(weight.float())).double()
+    direct = F.conv2d(x.float(), weight.float(), padding=1).double()
+    scale = exact.abs().max()
+    assert (got - exact).abs().max() / scale < 2e-5
+    assert (direct - exact).abs().max() / scale < 2e-6
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"\(C_out, C_in, 3, 3\)"):
+        transform_weight(torch.zeros(4, 3, 5, 5))
+    v = transform_weight(torch.zeros(4, 3, 3, 3))
+    with pytest.raises(ValueError, match="x .* and v"):
+        winograd_conv3x3(torch.zeros(1, 2, 8, 8), v)
+
+
+class ConvolutionCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.kernels.append(args[1].shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kernel_size, direct", [(3, {1}), (5, {1, 5})])
+def test_the_cpu_fast_path_runs_3x3_gates_by_winograd(kernel_size, direct):
+    """Only the 1x1 output convolution stays direct with 3x3 gates; 5x5 gates stay direct."""
+    options = SpeedOptions.for_path("fast", torch.device("cpu"))
+    assert options.winograd and not SpeedOptions.for_path("fast", torch.device("cuda")).winograd
+    config = ModelConfig(hidden_channels=(6, 5), kernel_size=kernel_size, patch_size=2)
+    model = apply_speed(build_model(config), options)
+    with ConvolutionCount() as count:
+        model(torch.rand(2, 4, 1, 8, 8), 3).sum().backward()
+    assert set(count.kernels) == direct
+
+
+@pytest.mark.parametrize(
+    "overrides, hoist",
+    [
+        (dict(), True),
+        (dict(), False),
+        (dict(cell="peephole_convlstm"), True),
+        (dict(norm="layer"), True),
+        (dict(architecture="encoder_forecaster", hidden_channels=(4, 6)), True),
+    ],
+    ids=["hoisted", "per-step", "peephole", "layer-norm", "encoder-forecaster"],
+)
+def test_model_with_winograd_equals_eager_in_float64(overrides, hoist):
+    config = ModelConfig(
+        **{"hidden_channels": (6, 5), "kernel_size": 3, "patch_size": 2} | overrides
+    )
+    eager, fast = _pair(config, SpeedOptions(hoist=hoist, winograd=True))
+    frames = torch.rand(3, 11, 1, 8, 8, dtype=torch.float64)
+    if config.architecture == "stacked":
+        mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
+        out_e, grads_e = _run(eager, frames, mask)
+        out_f, grads_f = _run(fast, frames, mask)
+    else:
+        out_e, out_f = eager(frames[:, :5], 4), fast(frames[:, :5], 4)
+        out_e.square().mean().backward()
+        out_f.square().mean().backward()
+        grads_e = {n: p.grad for n, p in eager.named_parameters()}
+        grads_f = {n: p.grad for n, p in fast.named_parameters()}
+    torch.testing.assert_close(out_f, out_e, rtol=1e-11, atol=1e-12)
+    for name in grads_e:
+        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-9, atol=1e-12)
+
+
+def test_winograd_inference_equals_eager_without_grad():
+    config = ModelConfig(hidden_channels=(6,), kernel_size=3, patch_size=2)
+    eager, fast = _pair(config, SpeedOptions(hoist=True, winograd=True))
+    frames = torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(frames, 3), eager(frames, 3), rtol=1e-11, atol=1e-12)
+
+
+def test_winograd_and_batched_weight_gradients_are_refused_together():
+    with pytest.raises(ConfigError, match="batched_wgrad and winograd"):
+        SpeedOptions(batched_wgrad=True, winograd=True)
