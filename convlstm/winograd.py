@@ -146,12 +146,46 @@ def _input_grad(du: Tensor, shape: tuple[int, ...]) -> Tensor:
     return padded[1 : w + 1, 1 : h + 1].permute(2, 3, 1, 0)
 
 
+class _Tape:
+    """One sequence's per-step Winograd-domain inputs and product gradients (detached), kept
+    for the filter gradient made once (see WinogradSequence)."""
+
+    def __init__(self) -> None:
+        self.u: list[Tensor] = []
+        self.dm: list[Tensor] = []
+
+
+class _FilterHead(Function):
+    """v as the steps see it; its backward runs after every step's and makes dL/dv in one
+    product over all the steps' tiles."""
+
+    @staticmethod
+    def forward(ctx, tape: _Tape, v: Tensor) -> Tensor:
+        ctx.tape = tape
+        ctx.set_materialize_grads(False)  # the steps send no gradient here
+        return v.view_as(v)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor | None):
+        tape = ctx.tape
+        dv = grad
+        if tape.u:
+            u, dm = (t[0] if len(t) == 1 else torch.cat(t, dim=1) for t in (tape.u, tape.dm))
+            tape.u, tape.dm = [], []
+            batched = torch.bmm(u.transpose(1, 2), dm)
+            dv = batched if dv is None else dv + batched
+        return None, dv
+
+
 class _WinogradConv(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, v: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, v: Tensor, tape: _Tape | None) -> Tensor:
         u = _input_tiles(x)
         ctx.save_for_backward(u, v)
         ctx.shape = tuple(x.shape)
+        ctx.tape = tape
+        ctx.head = v.grad_fn if tape is not None else None
         return _output_from(torch.bmm(u, v), x.shape[0], x.shape[2], x.shape[3])
 
     @staticmethod
@@ -159,18 +193,53 @@ class _WinogradConv(Function):
     def backward(ctx, grad: Tensor):
         u, v = ctx.saved_tensors
         dm = _grad_tiles(grad)
-        dx = _input_grad(torch.bmm(dm, v.transpose(1, 2)), ctx.shape)
-        dv = torch.bmm(u.transpose(1, 2), dm) if ctx.needs_input_grad[1] else None
-        return (dx if ctx.needs_input_grad[0] else None), dv
+        dx = dv = None
+        if ctx.needs_input_grad[0]:
+            dx = _input_grad(torch.bmm(dm, v.transpose(1, 2)), ctx.shape)
+        if ctx.tape is not None:
+            # kept for _FilterHead, only for a backward that will reach it (not, say, for
+            # autograd.grad of the inputs alone, whose steps would be counted again later)
+            if ctx.head is not None and torch._C._will_engine_execute_node(ctx.head):
+                ctx.tape.u.append(u.detach())
+                ctx.tape.dm.append(dm.detach())
+        elif ctx.needs_input_grad[1]:
+            dv = torch.bmm(u.transpose(1, 2), dm)
+        return dx, dv, None
 
 
-def winograd_conv3x3(x: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.conv2d(x, weight, bias, padding=1) for v = transform_weight(weight); x (N, C_in, H,
-    W) of v's dtype; returns (N, C_out, H, W) in channels-last memory format."""
+def _check(x: Tensor, v: Tensor) -> None:
     if x.dim() != 4 or v.dim() != 3 or v.shape[0] != A * A or x.shape[1] != v.shape[1]:
         raise ValueError(
             f"winograd_conv3x3 takes x (N, C_in, H, W) and v (36, C_in, C_out), got "
             f"{tuple(x.shape)} and {tuple(v.shape)}"
         )
-    y = _WinogradConv.apply(x, v)
+
+
+def winograd_conv3x3(x: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for v = transform_weight(weight); x (N, C_in, H,
+    W) of v's dtype; returns (N, C_out, H, W) in channels-last memory format."""
+    _check(x, v)
+    y = _WinogradConv.apply(x, v, None)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+class WinogradSequence:
+    """x -> F.conv2d(x, weight, bias, padding=1) for the steps of one sequence. The filter is
+    transformed once (float32, the weight's dtype; inputs are cast to it). With batch_grad,
+    while grad is enabled, its gradient is made once over all the steps when backward
+    reaches it: one product with the steps' tiles stacked, instead of one small product per
+    step and a sum. The steps' tiles and product gradients are kept until then."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, batch_grad: bool = True) -> None:
+        v = transform_weight(weight)
+        self.tape = None
+        if batch_grad and torch.is_grad_enabled() and v.requires_grad:
+            self.tape = _Tape()
+            v = _FilterHead.apply(self.tape, v)
+        self.v, self.bias = v, bias
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.to(self.v.dtype)
+        _check(x, self.v)
+        y = _WinogradConv.apply(x, self.v, self.tape)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)

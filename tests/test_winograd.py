@@ -10,7 +10,7 @@ from convlstm.config import ModelConfig
 from convlstm.errors import ConfigError
 from convlstm.models import build_model
 from convlstm.speed import SpeedOptions, apply_speed
-from convlstm.winograd import transform_weight, winograd_conv3x3
+from convlstm.winograd import WinogradSequence, transform_weight, winograd_conv3x3
 from tests.test_speed import _pair, _run
 
 
@@ -57,12 +57,65 @@ def test_float32_error_stays_near_the_direct_convolutions():
     assert (direct - exact).abs().max() / scale < 2e-6
 
 
+def _steps(conv, x0, extra):
+    h, outs = x0, []
+    for e in extra:
+        h = torch.tanh(conv(h) + e)
+        outs.append(h)
+    return torch.stack(outs).square().sum()
+
+
+@pytest.mark.parametrize("batch_grad", [True, False])
+def test_sequence_equals_per_step_convolutions_and_batches_the_filter_gradient(batch_grad):
+    torch.manual_seed(0)
+    weight = torch.randn(3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x0 = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    extra = torch.randn(4, 2, 3, 6, 5, dtype=torch.float64)
+    params = (x0, weight, bias)
+    loss = _steps(lambda h: F.conv2d(h, weight, bias, padding=1), x0, extra)
+    expected = torch.autograd.grad(loss, params)
+    sequence = WinogradSequence(weight, bias, batch_grad=batch_grad)
+    assert (sequence.tape is not None) == batch_grad
+    loss_w = _steps(sequence, x0, extra)
+    torch.testing.assert_close(loss_w, loss, rtol=1e-12, atol=0)
+    for g, e in zip(torch.autograd.grad(loss_w, params), expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    if batch_grad:
+        assert sequence.tape.u == [] and sequence.tape.dm == []  # consumed by the one product
+
+
+def test_sequence_keeps_nothing_for_a_backward_that_stops_short_of_the_filter():
+    torch.manual_seed(0)
+    weight = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    x0 = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    extra = torch.randn(3, 1, 2, 4, 4, dtype=torch.float64)
+    expected = torch.autograd.grad(
+        _steps(lambda h: F.conv2d(h, weight, padding=1), x0, extra), weight
+    )
+    sequence = WinogradSequence(weight, None)
+    loss = _steps(sequence, x0, extra)
+    torch.autograd.grad(loss, x0, retain_graph=True)
+    assert sequence.tape.u == [] and sequence.tape.dm == []
+    torch.testing.assert_close(torch.autograd.grad(loss, weight), expected, rtol=1e-10, atol=0)
+
+
+def test_sequence_without_grad_keeps_no_tape():
+    weight = torch.randn(2, 2, 3, 3, requires_grad=True)
+    with torch.no_grad():
+        sequence = WinogradSequence(weight, None)
+        y = sequence(torch.randn(1, 2, 4, 4))
+    assert sequence.tape is None and not y.requires_grad
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match=r"\(C_out, C_in, 3, 3\)"):
         transform_weight(torch.zeros(4, 3, 5, 5))
     v = transform_weight(torch.zeros(4, 3, 3, 3))
     with pytest.raises(ValueError, match="x .* and v"):
         winograd_conv3x3(torch.zeros(1, 2, 8, 8), v)
+    with pytest.raises(ValueError, match="x .* and v"):
+        WinogradSequence(torch.zeros(4, 3, 3, 3), None)(torch.zeros(1, 2, 8, 8))
 
 
 class ConvolutionCount(TorchDispatchMode):

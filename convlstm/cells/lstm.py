@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, gate_bias, with_input
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.wgrad import WeightGradBatch
-from convlstm.winograd import transform_weight, winograd_conv3x3
+from convlstm.winograd import WinogradSequence
 
 Conv = Callable[[Tensor], Tensor]
 
@@ -119,8 +119,7 @@ class ConvLSTMCell(RecurrentCell):
         """x -> W * x + b for one sequence, the per-sequence work done here once: the Winograd
         transform of W (float32), or (batch) the bookkeeping of a batched weight gradient."""
         if self.winograd:
-            v = transform_weight(weight)
-            return lambda x: winograd_conv3x3(x.to(v.dtype), v, bias)
+            return WinogradSequence(weight, bias, batch_grad=batch)
         if batch and self.batched_wgrad and torch.is_grad_enabled():
             return WeightGradBatch(weight, bias, self.kernel_size // 2).conv
         return lambda x: F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
