@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -193,6 +194,53 @@ def time_training(
     }
 
 
+def time_training_interleaved(
+    preset: str,
+    batch: int,
+    variants: list[tuple[str, SpeedOptions]],
+    device: torch.device,
+    batches: list[torch.Tensor],
+    seconds: float,
+) -> list[dict[str, Any]]:
+    """Training rates of several variants (precision, options) timed step by step in turn,
+    the order reversed every round, each from the median of its steps: on a machine whose
+    speed drifts (a shared VM), the ratios stay fair where back-to-back runs would not."""
+    steps, warmups = [], []
+    for precision, options in variants:
+        torch.manual_seed(0)
+        model_cfg = from_name(preset)
+        model = apply_speed(build_model(model_cfg).to(device), options)
+        steps.append(
+            _train_step(model, model_cfg, train_config(batch, precision, device), options, device)
+        )
+        start = time.perf_counter()
+        for i in range(5):
+            steps[-1](batches[i % len(batches)], None)
+        sync(device)
+        warmups.append(time.perf_counter() - start)
+    times: list[list[float]] = [[] for _ in steps]
+    order = list(range(len(steps)))
+    rounds, spent = 0, 0.0
+    while rounds < 5 or spent < seconds * len(steps):
+        for k in order if rounds % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            steps[k](batches[rounds % len(batches)], None)
+            sync(device)
+            times[k].append(time.perf_counter() - start)
+            spent += times[k][-1]
+        rounds += 1
+    return [
+        {
+            "train_seq_per_s": batch / statistics.median(t),
+            "steps_timed": len(t),
+            "warmup_s": w,
+            "peak_memory_gib": None,  # several models live at once: not one variant's peak
+            "final_loss": None,
+        }
+        for t, w in zip(times, warmups, strict=True)
+    ]
+
+
 def time_inference(
     preset: str,
     options: SpeedOptions,
@@ -279,6 +327,12 @@ def main(argv=None) -> dict:
         help="also print the top kernels of 3 training steps of this variant at the first "
         "batch size (a variant without cuda_graph shows each kernel; a graph shows as one)",
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the variants' training steps in turn (alternating order, medians): fair "
+        "ratios on a machine whose speed drifts; peak memory is then not reported",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--mnist-dir", default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
@@ -302,6 +356,7 @@ def main(argv=None) -> dict:
         "device": name,
         "torch": torch.__version__,
         "preset": args.preset,
+        "interleaved": args.interleave,
         "training": [],
         "inference": [],
     }
@@ -326,8 +381,16 @@ def main(argv=None) -> dict:
             generate_batch(digits, 1, range(i * batch, (i + 1) * batch), spec).to(device)
             for i in range(4)
         ]
-        for variant in variants:
-            precision, options = resolve_variant(variant, device)
+        resolved = [resolve_variant(variant, device) for variant in variants]
+        timed: list[dict[str, Any]] | Exception | None = None
+        if args.interleave:
+            try:
+                timed = time_training_interleaved(
+                    args.preset, batch, resolved, device, batches, args.seconds
+                )
+            except Exception as err:  # reported on every variant's line below
+                timed = err
+        for i, (variant, (precision, options)) in enumerate(zip(variants, resolved, strict=True)):
             entry: dict[str, Any] = {
                 "variant": variant,
                 "batch": batch,
@@ -335,9 +398,14 @@ def main(argv=None) -> dict:
                 "options": options.describe(),
             }
             try:
-                entry |= time_training(
-                    args.preset, batch, precision, options, device, batches, args.seconds
-                )
+                if isinstance(timed, Exception):
+                    raise timed
+                if timed is not None:
+                    entry |= timed[i]
+                else:
+                    entry |= time_training(
+                        args.preset, batch, precision, options, device, batches, args.seconds
+                    )
                 tflops = entry["train_seq_per_s"] * flops / 1e12
                 entry["tflops"], entry["share_of_ceiling"] = tflops, tflops / ceiling
             except Exception as err:  # one failing variant must not lose the others
@@ -424,6 +492,8 @@ def _infer_line(e: dict[str, Any]) -> str:
 
 def _print_table(report: dict[str, Any]) -> None:
     print()
+    if report.get("interleaved"):
+        print("training rates from the median step, the variants' steps interleaved")
     print(
         f"{report['device']}, torch {report['torch']}; ceiling "
         f"{report['ceiling_tflops']:.1f} TFLOP/s ({report['ceiling_what']}); {report['preset']}: "

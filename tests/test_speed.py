@@ -444,6 +444,57 @@ def test_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path, mnist_dir, cap
     assert "fast / eager-fp32 at batch 2" in table and "Moving MNIST generator" in table
 
 
+class SteppedClock:
+    """time.perf_counter that moves only when a fake training step runs."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_interleaved_timing_alternates_the_order_and_takes_medians(monkeypatch):
+    clock, calls, made = SteppedClock(), [], []
+    durations = [[0.1, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1], [0.3] * 7]  # one slow outlier step
+
+    def fake_train_step(model, model_cfg, cfg, options, device):
+        k = len(made)
+        made.append(k)
+
+        def step(batch, mask):
+            calls.append(k)
+            clock.now += durations[k][(len([c for c in calls if c == k]) - 1) % 7]
+
+        return step
+
+    monkeypatch.setattr(benchmark, "_train_step", fake_train_step)
+    monkeypatch.setattr(benchmark, "time", clock)
+    variants = [("fp32", SpeedOptions()), ("fp32", SpeedOptions(hoist=True))]
+    batch = torch.zeros(4, 20, 1, 64, 64)
+    out = benchmark.time_training_interleaved(
+        "mmnist-cpu-small", 4, variants, torch.device("cpu"), [batch], seconds=0.5
+    )
+    timed = calls[10:]  # after 5 warm-up steps each
+    assert timed[:6] == [0, 1, 1, 0, 0, 1]  # the order reverses every round
+    assert out[0]["steps_timed"] == out[1]["steps_timed"] >= 5
+    assert out[0]["train_seq_per_s"] == pytest.approx(4 / 0.1)  # the outlier is not the median
+    assert out[1]["train_seq_per_s"] == pytest.approx(4 / 0.3)
+    assert out[0]["peak_memory_gib"] is None
+
+
+def test_benchmark_interleaved_run_reports_every_variant(tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.setattr(benchmark, "time", TickingClock())
+    argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch-sizes", "2"]
+    argv += ["--seconds", "0.2", "--variants", "eager-fp32", "fast", "--interleave"]
+    if mnist_dir:
+        argv += ["--mnist-dir", mnist_dir]
+    report = benchmark.main(argv)
+    assert report["interleaved"] is True
+    assert [e["variant"] for e in report["training"]] == ["eager-fp32", "fast"]
+    assert all("error" not in e and e["train_seq_per_s"] > 0 for e in report["training"])
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
