@@ -80,39 +80,33 @@ def test_fast_path_with_a_cuda_graph_follows_eager_training(tmp_path, monkeypatc
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_fast_training_lowers_the_loss(tmp_path):
-    device = cuda_or_skip()
+def _bf16_fast_run(tmp_path, name: str, **overrides) -> dict:
+    """40 steps of bf16 training on the fast path; the loss must be finite and fall."""
     result = _train(
         tmp_path,
-        "bf16",
+        name,
         steps=40,
         log_every=10,
         checkpoint_every=0,
         precision="bf16",
-        device=str(device),
+        device=str(cuda_or_skip()),
         path="fast",
-        activation_checkpointing=True,
+        **overrides,
     )
     losses = [loss for _, loss in result["losses"]]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    return result
+
+
+def test_bf16_fast_training_lowers_the_loss(tmp_path):
+    _bf16_fast_run(tmp_path, "bf16", activation_checkpointing=True)
 
 
 def test_bf16_graphed_training_with_batched_weight_grads_lowers_the_loss(tmp_path, monkeypatch):
-    device = cuda_or_skip()
+    cuda_or_skip()
     _fast_path_batches_weight_grads(monkeypatch)
-    result = _train(
-        tmp_path,
-        "bf16-batched",
-        steps=40,
-        log_every=10,
-        checkpoint_every=0,
-        precision="bf16",
-        device=str(device),
-        path="fast",
-    )
+    result = _bf16_fast_run(tmp_path, "bf16-batched")
     assert "cuda_graph" in result["speed"] and "batched_wgrad" in result["speed"]
-    losses = [loss for _, loss in result["losses"]]
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
 def test_compiled_gates_equal_eager_on_cuda():

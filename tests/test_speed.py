@@ -53,6 +53,46 @@ def _run(model, frames, mask):
     return out, {n: p.grad for n, p in model.named_parameters()}
 
 
+# The ConvLSTM layouts an option for the gate convolution must keep equal to eager.
+CONVLSTM_CASES = pytest.mark.parametrize(
+    "overrides, hoist",
+    [
+        (dict(), True),
+        (dict(), False),
+        (dict(cell="peephole_convlstm"), True),
+        (dict(norm="layer"), True),
+        (dict(architecture="encoder_forecaster", hidden_channels=(4, 6)), True),
+    ],
+    ids=["hoisted", "per-step", "peephole", "layer-norm", "encoder-forecaster"],
+)
+
+
+def convlstm_config(overrides: dict) -> ModelConfig:
+    return ModelConfig(**{"hidden_channels": (6, 5), "kernel_size": 3, "patch_size": 2} | overrides)
+
+
+def assert_fast_equals_eager(config, options, rtol=1e-12, grad_rtol=1e-10):
+    """The model under `options` against the eager one in float64, outputs and every gradient:
+    OpenSTL's training forward (_run, with a teacher mask) for a stacked model, a forecast
+    from 5 context frames for the others."""
+    eager, fast = _pair(config, options)
+    frames = torch.rand(3, 11, 1, 8, 8, dtype=torch.float64)
+    if config.architecture == "stacked":
+        mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
+        (out_e, grads_e), (out_f, grads_f) = (_run(m, frames, mask) for m in (eager, fast))
+    else:
+        results = []
+        for model in (eager, fast):
+            out = model(frames[:, :5], 4)
+            out.square().mean().backward()
+            results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+        (out_e, grads_e), (out_f, grads_f) = results
+    torch.testing.assert_close(out_f, out_e, rtol=rtol, atol=1e-12)
+    assert grads_e.keys() == grads_f.keys()
+    for name in grads_e:
+        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=grad_rtol, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -69,15 +109,7 @@ def _run(model, frames, mask):
 )
 def test_fast_path_equals_eager_outputs_and_gradients_in_float64(overrides):
     config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2, **overrides)
-    eager, fast = _pair(config, ALL_CPU)
-    frames = torch.rand(3, 11, 1, 8, 8, dtype=torch.float64)
-    mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
-    out_e, grads_e = _run(eager, frames, mask)
-    out_f, grads_f = _run(fast, frames, mask)
-    torch.testing.assert_close(out_f, out_e, rtol=1e-12, atol=1e-12)
-    assert grads_e.keys() == grads_f.keys()
-    for name in grads_e:
-        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-10, atol=1e-12)
+    assert_fast_equals_eager(config, ALL_CPU)
 
 
 def test_fast_path_equals_eager_in_float32_for_the_encoder_forecaster():

@@ -12,7 +12,7 @@ from convlstm.errors import ConfigError
 from convlstm.models import build_model
 from convlstm.speed import SpeedOptions, apply_speed
 from convlstm.wgrad import WeightGradBatch
-from tests.test_speed import _pair, _run
+from tests.test_speed import CONVLSTM_CASES, assert_fast_equals_eager, convlstm_config
 
 
 class ConvBackwardCount(TorchDispatchMode):
@@ -115,43 +115,10 @@ def test_batched_convolution_casts_like_autocast():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "overrides, hoist",
-    [
-        (dict(), True),
-        (dict(), False),
-        (dict(cell="peephole_convlstm"), True),
-        (dict(norm="layer"), True),
-    ],
-    ids=["convlstm-hoisted", "convlstm-per-step", "peephole", "layer-norm"],
-)
+@CONVLSTM_CASES
 def test_model_with_batched_weight_gradients_equals_eager_in_float64(overrides, hoist):
-    config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2, **overrides)
     options = SpeedOptions(hoist=hoist, channels_last=True, batched_wgrad=True)
-    eager, fast = _pair(config, options)
-    frames = torch.rand(3, 11, 1, 8, 8, dtype=torch.float64)
-    mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
-    out_e, grads_e = _run(eager, frames, mask)
-    out_f, grads_f = _run(fast, frames, mask)
-    torch.testing.assert_close(out_f, out_e, rtol=1e-12, atol=1e-12)
-    for name in grads_e:
-        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-10, atol=1e-12)
-
-
-def test_encoder_forecaster_with_batched_weight_gradients_equals_eager():
-    config = ModelConfig(
-        architecture="encoder_forecaster",
-        hidden_channels=(4, 6),  # stage strides (1, 2)
-        kernel_size=3,
-        patch_size=2,
-    )
-    eager, fast = _pair(config, SpeedOptions(hoist=True, batched_wgrad=True), torch.float64)
-    frames = torch.rand(2, 5, 1, 8, 8, dtype=torch.float64)
-    for model in (eager, fast):
-        model(frames, 4).square().mean().backward()
-    torch.testing.assert_close(fast(frames, 4), eager(frames, 4), rtol=1e-12, atol=1e-12)
-    for (name, p_e), p_f in zip(eager.named_parameters(), fast.parameters(), strict=True):
-        torch.testing.assert_close(p_f.grad, p_e.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert_fast_equals_eager(convlstm_config(overrides), options)
 
 
 def _weight_calls(config: ModelConfig, hoist: bool, batched: bool) -> int:

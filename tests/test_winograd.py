@@ -11,7 +11,7 @@ from convlstm.errors import ConfigError
 from convlstm.models import build_model
 from convlstm.speed import SpeedOptions, apply_speed
 from convlstm.winograd import WinogradSequence, transform_weight, winograd_conv3x3
-from tests.test_speed import _pair, _run
+from tests.test_speed import CONVLSTM_CASES, _pair, assert_fast_equals_eager, convlstm_config
 
 
 @pytest.mark.parametrize(
@@ -141,36 +141,10 @@ def test_the_cpu_fast_path_runs_3x3_gates_by_winograd(kernel_size, direct):
     assert set(count.kernels) == direct
 
 
-@pytest.mark.parametrize(
-    "overrides, hoist",
-    [
-        (dict(), True),
-        (dict(), False),
-        (dict(cell="peephole_convlstm"), True),
-        (dict(norm="layer"), True),
-        (dict(architecture="encoder_forecaster", hidden_channels=(4, 6)), True),
-    ],
-    ids=["hoisted", "per-step", "peephole", "layer-norm", "encoder-forecaster"],
-)
+@CONVLSTM_CASES
 def test_model_with_winograd_equals_eager_in_float64(overrides, hoist):
-    config = ModelConfig(
-        **{"hidden_channels": (6, 5), "kernel_size": 3, "patch_size": 2} | overrides
-    )
-    eager, fast = _pair(config, SpeedOptions(hoist=hoist, winograd=True))
-    frames = torch.rand(3, 11, 1, 8, 8, dtype=torch.float64)
-    if config.architecture == "stacked":
-        mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
-        out_e, grads_e = _run(eager, frames, mask)
-        out_f, grads_f = _run(fast, frames, mask)
-    else:
-        out_e, out_f = eager(frames[:, :5], 4), fast(frames[:, :5], 4)
-        out_e.square().mean().backward()
-        out_f.square().mean().backward()
-        grads_e = {n: p.grad for n, p in eager.named_parameters()}
-        grads_f = {n: p.grad for n, p in fast.named_parameters()}
-    torch.testing.assert_close(out_f, out_e, rtol=1e-11, atol=1e-12)
-    for name in grads_e:
-        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-9, atol=1e-12)
+    options = SpeedOptions(hoist=hoist, winograd=True)
+    assert_fast_equals_eager(convlstm_config(overrides), options, rtol=1e-11, grad_rtol=1e-9)
 
 
 def test_winograd_inference_equals_eager_without_grad():
