@@ -65,7 +65,8 @@ def _matrices(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor,
     def matrix(rows) -> Tensor:
         return torch.tensor(rows, dtype=torch.float64).to(dtype=dtype, device=device)
 
-    return matrix(_BT), matrix(_G), matrix(_AT)
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        return matrix(_BT), matrix(_G), matrix(_AT)
 
 
 def _both_axes(m: Tensor, t: Tensor) -> Tensor:
@@ -171,8 +172,11 @@ class _FilterHead(Function):
         tape = ctx.tape
         dv = grad
         if tape.u:
-            u, dm = (t[0] if len(t) == 1 else torch.cat(t, dim=1) for t in (tape.u, tape.dm))
-            tape.u, tape.dm = [], []
+            # one list at a time, each let go once joined: less memory at the peak
+            u = tape.u[0] if len(tape.u) == 1 else torch.cat(tape.u, dim=1)
+            tape.u = []
+            dm = tape.dm[0] if len(tape.dm) == 1 else torch.cat(tape.dm, dim=1)
+            tape.dm = []
             batched = torch.bmm(u.transpose(1, 2), dm)
             dv = batched if dv is None else dv + batched
         return None, dv
@@ -191,6 +195,11 @@ class _WinogradConv(Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
+        if grad.requires_grad:
+            raise RuntimeError(
+                "Winograd convolutions (convlstm.winograd) cannot be differentiated twice: "
+                "no create_graph=True with SpeedOptions.winograd"
+            )
         u, v = ctx.saved_tensors
         dm = _grad_tiles(grad)
         dx = dv = None
@@ -225,7 +234,8 @@ def winograd_conv3x3(x: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor
 
 class WinogradSequence:
     """x -> F.conv2d(x, weight, bias, padding=1) for the steps of one sequence. The filter is
-    transformed once (float32, the weight's dtype; inputs are cast to it). With batch_grad,
+    transformed once (in the weight's dtype; inputs are cast to it; meant for float32 and
+    float64, not autocast). With batch_grad,
     while grad is enabled, its gradient is made once over all the steps when backward
     reaches it: one product with the steps' tiles stacked, instead of one small product per
     step and a sum. The steps' tiles and product gradients are kept until then."""

@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from convlstm.cells.base import sequence_scope
 from convlstm.config import ModelConfig
 from convlstm.errors import ConfigError
 from convlstm.models import build_model
 from convlstm.speed import SpeedOptions, apply_speed
-from convlstm.winograd import WinogradSequence, transform_weight, winograd_conv3x3
+from convlstm.winograd import WinogradSequence, _matrices, transform_weight, winograd_conv3x3
 from tests.test_speed import CONVLSTM_CASES, _pair, assert_fast_equals_eager, convlstm_config
 
 
@@ -147,12 +148,60 @@ def test_model_with_winograd_equals_eager_in_float64(overrides, hoist):
     assert_fast_equals_eager(convlstm_config(overrides), options, rtol=1e-11, grad_rtol=1e-9)
 
 
+def test_model_with_winograd_on_a_grid_not_a_multiple_of_the_tile():
+    config = ModelConfig(hidden_channels=(5,), kernel_size=3, patch_size=2)  # 5x7 grid
+    eager, fast = _pair(config, SpeedOptions(hoist=True, winograd=True))
+    frames = torch.rand(2, 6, 1, 10, 14, dtype=torch.float64)
+    outs = []
+    for model in (eager, fast):
+        out = model(frames[:, :3], 3)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-11, atol=1e-12)
+    for p_e, p_f in zip(eager.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(p_f.grad, p_e.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_winograd_inference_equals_eager_without_grad():
     config = ModelConfig(hidden_channels=(6,), kernel_size=3, patch_size=2)
     eager, fast = _pair(config, SpeedOptions(hoist=True, winograd=True))
     frames = torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fast(frames, 3), eager(frames, 3), rtol=1e-11, atol=1e-12)
+
+
+def test_autocast_keeps_the_direct_convolution():
+    """bf16 Winograd transforms lose too much: under autocast the gates stay direct."""
+    config = ModelConfig(hidden_channels=(6,), kernel_size=3, patch_size=2)
+    model = apply_speed(build_model(config), SpeedOptions(hoist=True, winograd=True))
+    with ConvolutionCount() as count, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(2, 4, 1, 8, 8), 3)
+    assert 3 in count.kernels and torch.isfinite(out).all()
+
+
+def test_the_model_makes_the_filter_gradient_once_per_sequence_unless_checkpointing():
+    config = ModelConfig(hidden_channels=(6,), kernel_size=3, patch_size=2)
+    for checkpointing in (False, True):
+        options = SpeedOptions(winograd=True, checkpointing=checkpointing)
+        cell = apply_speed(build_model(config), options).layers[0].cell
+        with sequence_scope([cell]):
+            assert (cell.sequence_conv.tape is None) == checkpointing
+
+
+def test_matrices_made_in_inference_mode_still_serve_training():
+    _matrices.cache_clear()
+    with torch.inference_mode():
+        winograd_conv3x3(torch.rand(1, 2, 4, 4), transform_weight(torch.rand(3, 2, 3, 3)))
+    weight = torch.rand(3, 2, 3, 3, requires_grad=True)
+    winograd_conv3x3(torch.rand(1, 2, 4, 4), transform_weight(weight)).sum().backward()
+    assert weight.grad is not None
+
+
+def test_second_order_gradients_are_refused():
+    weight = torch.randn(2, 2, 3, 3, requires_grad=True)
+    loss = WinogradSequence(weight, None)(torch.randn(1, 2, 4, 4)).square().sum()
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(loss, weight, create_graph=True)
 
 
 def test_winograd_and_batched_weight_gradients_are_refused_together():

@@ -111,15 +111,21 @@ class ConvLSTMCell(RecurrentCell):
     def open_sequence(self) -> Conv | None:
         """The gate convolution for the steps of one sequence (see sequence_scope), or None
         for the plain self.conv."""
-        if self.winograd or (self.batched_wgrad and torch.is_grad_enabled()):
+        if self._winograd_now() or (self.batched_wgrad and torch.is_grad_enabled()):
             return self._sequence_conv(self.conv.weight, self.conv.bias, batch=True)
         return None
 
+    def _winograd_now(self) -> bool:
+        # Winograd's transforms lose too much in bf16 / fp16: under autocast the convolutions
+        # stay direct (and run in the autocast dtype, as asked)
+        return self.winograd and not torch.is_autocast_enabled(self.conv.weight.device.type)
+
     def _sequence_conv(self, weight: Tensor, bias: Tensor | None, batch: bool) -> Conv:
         """x -> W * x + b for one sequence, the per-sequence work done here once: the Winograd
-        transform of W (float32), or (batch) the bookkeeping of a batched weight gradient."""
-        if self.winograd:
-            return WinogradSequence(weight, bias, batch_grad=batch)
+        transform of W, or (batch) the bookkeeping of a batched weight gradient (for Winograd,
+        made in its domain; not with checkpointing, whose memory saving it would undo)."""
+        if self._winograd_now():
+            return WinogradSequence(weight, bias, batch_grad=batch and not self.checkpointing)
         if batch and self.batched_wgrad and torch.is_grad_enabled():
             return WeightGradBatch(weight, bias, self.kernel_size // 2).conv
         return lambda x: F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
@@ -132,7 +138,7 @@ class ConvLSTMCell(RecurrentCell):
         Winograd-transformed with `winograd`; W_h's gradient batched with `batched_wgrad`."""
         weight = self.conv.weight
         kind = weight.device.type
-        if torch.is_autocast_enabled(kind) and not self.winograd:
+        if torch.is_autocast_enabled(kind):
             weight = weight.to(torch.get_autocast_dtype(kind))
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         n = self.in_channels
