@@ -40,6 +40,22 @@ class _Tape:
         self.grads: list[Tensor] = []
 
 
+def refuse_second_order(grad: Tensor, option: str) -> None:
+    """Per-sequence gradients are made outside autograd's graph: no create_graph."""
+    if grad.requires_grad:
+        raise RuntimeError(
+            f"SpeedOptions.{option} makes gradients that cannot be differentiated again: "
+            "no create_graph=True with it"
+        )
+
+
+def head_will_run(head) -> bool:
+    """Whether this backward reaches the per-sequence head (`head`: its autograd node, or
+    None): a step keeps its tensors only then. Not, say, in autograd.grad of the inputs
+    alone, whose steps a later full backward would count again."""
+    return head is not None and torch._C._will_engine_execute_node(head)
+
+
 def _grads(tape: _Tape, x: Tensor, grad: Tensor, weight: Tensor, mask: list[bool]):
     p = tape.padding
     bias_sizes = [weight.shape[0]] if mask[2] else None
@@ -91,20 +107,13 @@ class _TapedConv(Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        if grad.requires_grad:
-            raise RuntimeError(
-                "batched weight gradients (convlstm.wgrad) cannot be differentiated again: "
-                "no create_graph=True with SpeedOptions.batched_wgrad"
-            )
+        refuse_second_order(grad, "batched_wgrad")
         x, weight = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _grads(ctx.tape, x, grad, weight, [True, False, False])[0]
-        # keep the pair only for a backward that will reach the weight (not, say, for
-        # autograd.grad of the inputs alone, whose pairs would be counted again later);
         # detached, so the kept tensors hold no graph that leads back to the tape
-        head = ctx.head
-        if head is not None and torch._C._will_engine_execute_node(head):
+        if head_will_run(ctx.head):
             ctx.tape.inputs.append(x.detach())
             ctx.tape.grads.append(grad.detach())
         return (dx, None, None, *([None] * (len(ctx.needs_input_grad) - 3)))

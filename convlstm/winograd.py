@@ -29,6 +29,8 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from convlstm.wgrad import head_will_run, refuse_second_order
+
 M, R = 4, 3  # output tile, filter size
 A = M + R - 1  # input tile: 6
 
@@ -195,20 +197,14 @@ class _WinogradConv(Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        if grad.requires_grad:
-            raise RuntimeError(
-                "Winograd convolutions (convlstm.winograd) cannot be differentiated twice: "
-                "no create_graph=True with SpeedOptions.winograd"
-            )
+        refuse_second_order(grad, "winograd")
         u, v = ctx.saved_tensors
         dm = _grad_tiles(grad)
         dx = dv = None
         if ctx.needs_input_grad[0]:
             dx = _input_grad(torch.bmm(dm, v.transpose(1, 2)), ctx.shape)
         if ctx.tape is not None:
-            # kept for _FilterHead, only for a backward that will reach it (not, say, for
-            # autograd.grad of the inputs alone, whose steps would be counted again later)
-            if ctx.head is not None and torch._C._will_engine_execute_node(ctx.head):
+            if head_will_run(ctx.head):  # kept for _FilterHead
                 ctx.tape.u.append(u.detach())
                 ctx.tape.dm.append(dm.detach())
         elif ctx.needs_input_grad[1]:
