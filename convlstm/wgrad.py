@@ -19,6 +19,8 @@ per step); so this does not combine with activation checkpointing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,16 +30,33 @@ from torch.autograd.function import once_differentiable
 _conv_backward = torch.ops.aten.convolution_backward
 
 
-class _Tape:
-    """One sequence's per-step (input, output gradient) pairs, in the order backward meets them.
-    Kept apart from WeightGradBatch (which holds the weight, whose autograd node holds the
-    tape), and the pairs are kept detached, so that no reference cycle keeps a step's
-    tensors alive after backward."""
+class StepTape:
+    """What the steps of one sequence keep for a gradient made once, when backward reaches the
+    parameters they share (see `share`): two tensors per step, in the order backward meets
+    the steps, detached, so nothing kept leads back through the graph to the tape (no
+    reference cycle). `finish(tape, *params)` then makes those parameters' gradients."""
 
-    def __init__(self, padding: int) -> None:
-        self.padding = padding
-        self.inputs: list[Tensor] = []
-        self.grads: list[Tensor] = []
+    def __init__(self, finish: Callable[..., tuple[Tensor | None, ...]]) -> None:
+        self.finish = finish
+        self.firsts: list[Tensor] = []
+        self.seconds: list[Tensor] = []
+
+    def keep(self, head, first: Tensor, second: Tensor) -> None:
+        """Keep a step's pair if this backward reaches `head` (the shared parameters' node):
+        not, say, in autograd.grad of the inputs alone, whose steps a later full backward
+        would count again."""
+        if head is not None and torch._C._will_engine_execute_node(head):
+            self.firsts.append(first.detach())
+            self.seconds.append(second.detach())
+
+    def join(self, dim: int) -> tuple[Tensor, Tensor]:
+        """All steps' firsts and seconds, each concatenated along `dim`; one list at a time,
+        each let go once joined (less memory at the peak)."""
+        firsts = self.firsts[0] if len(self.firsts) == 1 else torch.cat(self.firsts, dim)
+        self.firsts = []
+        seconds = self.seconds[0] if len(self.seconds) == 1 else torch.cat(self.seconds, dim)
+        self.seconds = []
+        return firsts, seconds
 
 
 def refuse_second_order(grad: Tensor, option: str) -> None:
@@ -49,60 +68,53 @@ def refuse_second_order(grad: Tensor, option: str) -> None:
         )
 
 
-def head_will_run(head) -> bool:
-    """Whether this backward reaches the per-sequence head (`head`: its autograd node, or
-    None): a step keeps its tensors only then. Not, say, in autograd.grad of the inputs
-    alone, whose steps a later full backward would count again."""
-    return head is not None and torch._C._will_engine_execute_node(head)
+class _Head(Function):
+    """The shared parameters as the steps see them; its backward runs once every step's
+    backward has, and makes their gradients from the tape in one go."""
+
+    @staticmethod
+    def forward(ctx, tape: StepTape, *params: Tensor):
+        ctx.tape = tape
+        ctx.save_for_backward(*params)
+        ctx.set_materialize_grads(False)  # the steps send no gradient here: no zeros to add
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        tape = ctx.tape
+        made = tape.finish(tape, *ctx.saved_tensors) if tape.firsts else (None,) * len(grads)
+        out = [  # plus other uses of the returned parameters, if any
+            m if g is None else (g if m is None else m + g)
+            for m, g in zip(made, grads, strict=True)
+        ]
+        return (None, *out)
 
 
-def _grads(tape: _Tape, x: Tensor, grad: Tensor, weight: Tensor, mask: list[bool]):
-    p = tape.padding
+def share(tape: StepTape, *params: Tensor) -> tuple[Tensor, ...]:
+    """`params` for the steps of one sequence: their gradients come from `tape.finish`."""
+    return _Head.apply(tape, *params)
+
+
+def _grads(padding: int, x: Tensor, grad: Tensor, weight: Tensor, mask: list[bool]):
+    p = padding
     bias_sizes = [weight.shape[0]] if mask[2] else None
     return _conv_backward(
         grad, x, weight, bias_sizes, [1, 1], [p, p], [1, 1], False, [0, 0], 1, mask
     )
 
 
-class _Head(Function):
-    """The weight (and bias) as seen by the steps; its backward runs once every step's
-    backward has, and computes their weight and bias gradients in one call."""
-
-    @staticmethod
-    def forward(ctx, tape: _Tape, weight: Tensor, *bias: Tensor):
-        ctx.tape = tape
-        ctx.save_for_backward(weight)
-        ctx.set_materialize_grads(False)  # the steps send no gradient here: no zeros to add
-        return (weight.view_as(weight), *(b.view_as(b) for b in bias))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        tape = ctx.tape
-        (weight,) = ctx.saved_tensors
-        has_bias = len(grads) == 2
-        out: list[Tensor | None] = [None, None]
-        if tape.inputs:
-            x, grad = torch.cat(tape.inputs), torch.cat(tape.grads)
-            tape.inputs, tape.grads = [], []
-            _, out[0], out[1] = _grads(tape, x, grad, weight, [False, True, has_bias])
-        for i, g in enumerate(grads):  # other uses of the returned weight / bias, if any
-            if g is not None:
-                out[i] = g if out[i] is None else out[i] + g
-        return (None, *out[: 1 + has_bias])
-
-
 class _TapedConv(Function):
-    """F.conv2d whose backward returns the input gradient and hands (input, gradient) to the
-    batch for the weight's."""
+    """F.conv2d whose backward returns the input gradient and keeps (input, gradient) for
+    the weight's."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, tape: _Tape, weight: Tensor, *bias: Tensor):
-        ctx.tape = tape
+    def forward(ctx, x: Tensor, tape: StepTape, padding: int, weight: Tensor, *bias: Tensor):
+        ctx.tape, ctx.padding = tape, padding
         ctx.head = weight.grad_fn  # _Head's node, None when nothing needs the weight's gradient
         ctx.save_for_backward(x, weight)
         with torch.autocast(x.device.type, enabled=False):  # operands are already cast
-            return F.conv2d(x, weight, bias[0] if bias else None, padding=tape.padding)
+            return F.conv2d(x, weight, bias[0] if bias else None, padding=padding)
 
     @staticmethod
     @once_differentiable
@@ -111,12 +123,9 @@ class _TapedConv(Function):
         x, weight = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _grads(ctx.tape, x, grad, weight, [True, False, False])[0]
-        # detached, so the kept tensors hold no graph that leads back to the tape
-        if head_will_run(ctx.head):
-            ctx.tape.inputs.append(x.detach())
-            ctx.tape.grads.append(grad.detach())
-        return (dx, None, None, *([None] * (len(ctx.needs_input_grad) - 3)))
+            dx = _grads(ctx.padding, x, grad, weight, [True, False, False])[0]
+        ctx.tape.keep(ctx.head, x, grad)
+        return (dx, None, None, None, *([None] * (len(ctx.needs_input_grad) - 4)))
 
 
 class WeightGradBatch:
@@ -130,11 +139,18 @@ class WeightGradBatch:
             dtype = torch.get_autocast_dtype(kind)
             weight = weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        self.tape = _Tape(padding)
-        params = _Head.apply(self.tape, weight, *([] if bias is None else [bias]))
-        self.weight, *rest = params
+        self.padding = padding
+
+        def finish(tape: StepTape, weight: Tensor, *bias: Tensor):
+            x, grad = tape.join(0)  # all steps stacked along the batch
+            _, dw, db = _grads(padding, x, grad, weight, [False, True, bool(bias)])
+            return (dw, db)[: 1 + len(bias)]
+
+        self.tape = StepTape(finish)
+        self.weight, *rest = share(self.tape, weight, *([] if bias is None else [bias]))
         self.bias = rest[0] if rest else None
 
     def conv(self, x: Tensor) -> Tensor:
         bias = [] if self.bias is None else [self.bias]
-        return _TapedConv.apply(x.to(self.weight.dtype), self.tape, self.weight, *bias)
+        x = x.to(self.weight.dtype)
+        return _TapedConv.apply(x, self.tape, self.padding, self.weight, *bias)

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from convlstm.wgrad import head_will_run, refuse_second_order
+from convlstm.wgrad import StepTape, refuse_second_order, share
 
 M, R = 4, 3  # output tile, filter size
 A = M + R - 1  # input tile: 6
@@ -149,44 +149,15 @@ def _input_grad(du: Tensor, shape: tuple[int, ...]) -> Tensor:
     return padded[1 : w + 1, 1 : h + 1].permute(2, 3, 1, 0)
 
 
-class _Tape:
-    """One sequence's per-step Winograd-domain inputs and product gradients (detached), kept
-    for the filter gradient made once (see WinogradSequence)."""
-
-    def __init__(self) -> None:
-        self.u: list[Tensor] = []
-        self.dm: list[Tensor] = []
-
-
-class _FilterHead(Function):
-    """v as the steps see it; its backward runs after every step's and makes dL/dv in one
-    product over all the steps' tiles."""
-
-    @staticmethod
-    def forward(ctx, tape: _Tape, v: Tensor) -> Tensor:
-        ctx.tape = tape
-        ctx.set_materialize_grads(False)  # the steps send no gradient here
-        return v.view_as(v)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor | None):
-        tape = ctx.tape
-        dv = grad
-        if tape.u:
-            # one list at a time, each let go once joined: less memory at the peak
-            u = tape.u[0] if len(tape.u) == 1 else torch.cat(tape.u, dim=1)
-            tape.u = []
-            dm = tape.dm[0] if len(tape.dm) == 1 else torch.cat(tape.dm, dim=1)
-            tape.dm = []
-            batched = torch.bmm(u.transpose(1, 2), dm)
-            dv = batched if dv is None else dv + batched
-        return None, dv
+def _filter_grad(tape: StepTape, v: Tensor) -> tuple[Tensor]:
+    """dL/dv over all the steps of a sequence: one product with their tiles stacked."""
+    u, dm = tape.join(1)
+    return (torch.bmm(u.transpose(1, 2), dm),)
 
 
 class _WinogradConv(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, v: Tensor, tape: _Tape | None) -> Tensor:
+    def forward(ctx, x: Tensor, v: Tensor, tape: StepTape | None) -> Tensor:
         u = _input_tiles(x)
         ctx.save_for_backward(u, v)
         ctx.shape = tuple(x.shape)
@@ -204,9 +175,7 @@ class _WinogradConv(Function):
         if ctx.needs_input_grad[0]:
             dx = _input_grad(torch.bmm(dm, v.transpose(1, 2)), ctx.shape)
         if ctx.tape is not None:
-            if head_will_run(ctx.head):  # kept for _FilterHead
-                ctx.tape.u.append(u.detach())
-                ctx.tape.dm.append(dm.detach())
+            ctx.tape.keep(ctx.head, u, dm)  # for _filter_grad
         elif ctx.needs_input_grad[1]:
             dv = torch.bmm(u.transpose(1, 2), dm)
         return dx, dv, None
@@ -231,17 +200,17 @@ def winograd_conv3x3(x: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor
 class WinogradSequence:
     """x -> F.conv2d(x, weight, bias, padding=1) for the steps of one sequence. The filter is
     transformed once (in the weight's dtype; inputs are cast to it; meant for float32 and
-    float64, not autocast). With batch_grad,
-    while grad is enabled, its gradient is made once over all the steps when backward
-    reaches it: one product with the steps' tiles stacked, instead of one small product per
-    step and a sum. The steps' tiles and product gradients are kept until then."""
+    float64, not autocast). With batch_grad, while grad is enabled, its gradient is made
+    once over all the steps when backward reaches it: one product with the steps' tiles
+    stacked, instead of one small product per step and a sum. The steps' tiles and product
+    gradients are kept until then."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, batch_grad: bool = True) -> None:
         v = transform_weight(weight)
         self.tape = None
         if batch_grad and torch.is_grad_enabled() and v.requires_grad:
-            self.tape = _Tape()
-            v = _FilterHead.apply(self.tape, v)
+            self.tape = StepTape(_filter_grad)
+            (v,) = share(self.tape, v)
         self.v, self.bias = v, bias
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -487,6 +487,8 @@ class SteppedClock:
 
 
 def test_interleaved_timing_alternates_the_order_and_takes_medians(monkeypatch):
+    """No real clock is read: the fake steps advance a fake one, so the rates below check
+    the bookkeeping (order, medians), not anyone's speed."""
     clock, calls, made = SteppedClock(), [], []
     durations = [[0.1, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1], [0.3] * 7]  # one slow outlier step
 

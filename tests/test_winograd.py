@@ -83,7 +83,9 @@ def test_sequence_equals_per_step_convolutions_and_batches_the_filter_gradient(b
     for g, e in zip(torch.autograd.grad(loss_w, params), expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
     if batch_grad:
-        assert sequence.tape.u == [] and sequence.tape.dm == []  # consumed by the one product
+        assert (
+            sequence.tape.firsts == [] and sequence.tape.seconds == []
+        )  # consumed by the one product
 
 
 def test_sequence_keeps_nothing_for_a_backward_that_stops_short_of_the_filter():
@@ -97,7 +99,7 @@ def test_sequence_keeps_nothing_for_a_backward_that_stops_short_of_the_filter():
     sequence = WinogradSequence(weight, None)
     loss = _steps(sequence, x0, extra)
     torch.autograd.grad(loss, x0, retain_graph=True)
-    assert sequence.tape.u == [] and sequence.tape.dm == []
+    assert sequence.tape.firsts == [] and sequence.tape.seconds == []
     torch.testing.assert_close(torch.autograd.grad(loss, weight), expected, rtol=1e-10, atol=0)
 
 

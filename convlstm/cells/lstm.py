@@ -106,7 +106,7 @@ class ConvLSTMCell(RecurrentCell):
         self, x: Tensor | None, state: tuple[Tensor, ...], conv: Conv | None = None
     ) -> tuple[Tensor, Tensor]:
         h, c = state
-        return self._update((conv or self.conv)(with_input(x, h)), c)
+        return self._update((self.conv if conv is None else conv)(with_input(x, h)), c)
 
     def open_sequence(self) -> Conv | None:
         """The gate convolution for the steps of one sequence (see sequence_scope), or None
