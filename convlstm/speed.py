@@ -20,7 +20,8 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   compute dtype. More peak memory (each step's gate gradient is kept); not with checkpointing.
 - winograd: ConvLSTM 3x3 gate convolutions by Winograd's F(4x4, 3x3) (convlstm.winograd):
   2.25 multiplications per output instead of 9, for the CPU, where training is bound by the
-  convolutions' arithmetic. Other kernel sizes, and autocast (bf16 / fp16), keep the direct
+  convolutions' arithmetic; the tile transforms are C kernels (convlstm/tiles.c) where a C
+  compiler is found. Other kernel sizes, and autocast (bf16 / fp16), keep the direct
   convolution.
 - checkpointing: each recurrent step is recomputed in backward instead of stored.
 """

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from convlstm import native
 from convlstm.cli import ArgumentParser, run_main
 from convlstm.config import PRESETS, TrainConfig, build, from_name
 from convlstm.errors import ConfigError
@@ -372,6 +373,10 @@ def main(argv=None) -> dict:
     flops = flops_per_sequence(args.preset, device)
     report["flops_per_train_sequence"] = flops
     print(f"{args.preset}: {flops / 1e9:.1f} GFLOP per training sequence", flush=True)
+    if device.type == "cpu":
+        tiles = "C (convlstm/tiles.c)" if native.load("tiles") is not None else "PyTorch"
+        report["winograd_tile_transforms"] = tiles
+        print(f"Winograd tile transforms: {tiles}")
 
     model_cfg = from_name(args.preset)
     digits, _ = load_mnist("train", args.mnist_dir)

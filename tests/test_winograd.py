@@ -1,11 +1,13 @@
 """Winograd F(4x4, 3x3) convolutions (convlstm.winograd): equal to F.conv2d in float64, close
-in float32, and what the CPU fast path runs for 3x3 ConvLSTM gates."""
+in float32, and what the CPU fast path runs for 3x3 ConvLSTM gates. The tile transforms run
+as C kernels (convlstm/tiles.c) where a compiler is found, else in PyTorch: both are tested."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from convlstm import native, winograd
 from convlstm.cells.base import sequence_scope
 from convlstm.config import ModelConfig
 from convlstm.errors import ConfigError
@@ -15,12 +17,68 @@ from convlstm.winograd import WinogradSequence, _matrices, transform_weight, win
 from tests.test_speed import CONVLSTM_CASES, _pair, assert_fast_equals_eager, convlstm_config
 
 
+def _c_kernels_or_skip() -> None:
+    if native.load("tiles") is None:
+        pytest.skip("no C compiler here: the C tile transforms can't be built")
+
+
+@pytest.fixture(params=["c", "pytorch"])
+def transforms(request, monkeypatch):
+    """Run the test with the C tile transforms, then with the PyTorch ones."""
+    if request.param == "c":
+        _c_kernels_or_skip()
+    else:
+        monkeypatch.setattr(winograd, "_kernel", lambda name, t: None)
+    return request.param
+
+
+TRANSFORM_SHAPES = [(2, 3, 8, 8), (3, 5, 7, 10), (1, 4, 1, 2), (2, 17, 5, 5), (0, 3, 4, 4)]
+
+
+@pytest.mark.parametrize("shape", TRANSFORM_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_c_tile_transforms_equal_the_pytorch_ones(shape, dtype, monkeypatch):
+    _c_kernels_or_skip()
+    n, c, h, w = shape
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(n, c, h, w, dtype=dtype)  # contiguous NCHW: the kernel needs a copy
+    th, tw = winograd._tiles(shape)
+    m = torch.randn(n * th * tw, 36, c, dtype=dtype).transpose(0, 1)  # not contiguous
+    calls = [
+        ("_input_tiles", (x,)),
+        ("_output_from", (m, n, h, w)),
+        ("_grad_tiles", (grad,)),
+        ("_input_grad", (m, shape)),
+    ]
+    got = {name: getattr(winograd, name)(*args) for name, args in calls}
+    monkeypatch.setattr(winograd, "_kernel", lambda name, t: None)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for name, args in calls:
+        expected = getattr(winograd, name)(*args)
+        assert got[name].shape == expected.shape, name
+        torch.testing.assert_close(got[name], expected, **tol, msg=name)
+
+
+def test_c_kernels_run_only_on_cpu_float32_and_float64():
+    _c_kernels_or_skip()
+    assert winograd._kernel("input_tiles", torch.zeros(1, dtype=torch.float32)) is not None
+    assert winograd._kernel("input_tiles", torch.zeros(1, dtype=torch.bfloat16)) is None
+    assert winograd._kernel("input_tiles", torch.zeros(1, device="meta")) is None
+
+
+def test_a_kernel_that_cannot_allocate_raises():
+    x = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(MemoryError, match="could not allocate"):
+        winograd._run(lambda *args: 1, x, x, 1, 4, 4, 1)
+
+
 @pytest.mark.parametrize(
     "n, c_in, c_out, h, w",
     [(2, 3, 5, 8, 8), (1, 4, 2, 7, 9), (3, 2, 3, 5, 4), (1, 1, 1, 1, 1), (2, 6, 4, 12, 16)],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_equals_the_direct_convolution_in_float64(n, c_in, c_out, h, w, channels_last):
+def test_equals_the_direct_convolution_in_float64(n, c_in, c_out, h, w, channels_last, transforms):
     torch.manual_seed(0)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(n, c_in, h, w, dtype=torch.float64).contiguous(memory_format=layout)
@@ -37,7 +95,7 @@ def test_equals_the_direct_convolution_in_float64(n, c_in, c_out, h, w, channels
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
-def test_hand_written_backward_passes_gradcheck():
+def test_hand_written_backward_passes_gradcheck(transforms):
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
@@ -45,7 +103,7 @@ def test_hand_written_backward_passes_gradcheck():
     )
 
 
-def test_float32_error_stays_near_the_direct_convolutions():
+def test_float32_error_stays_near_the_direct_convolutions(transforms):
     """About one decimal digit more rounding than the direct convolution, no worse."""
     torch.manual_seed(0)
     x = torch.randn(16, 128, 8, 8, dtype=torch.float64)
@@ -150,7 +208,7 @@ def test_model_with_winograd_equals_eager_in_float64(overrides, hoist):
     assert_fast_equals_eager(convlstm_config(overrides), options, rtol=1e-11, grad_rtol=1e-9)
 
 
-def test_model_with_winograd_on_a_grid_not_a_multiple_of_the_tile():
+def test_model_with_winograd_on_a_grid_not_a_multiple_of_the_tile(transforms):
     config = ModelConfig(hidden_channels=(5,), kernel_size=3, patch_size=2)  # 5x7 grid
     eager, fast = _pair(config, SpeedOptions(hoist=True, winograd=True))
     frames = torch.rand(2, 6, 1, 10, 14, dtype=torch.float64)

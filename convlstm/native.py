@@ -1,0 +1,106 @@
+"""C kernels shipped as source, compiled on first use with the system's C compiler.
+
+    lib = native.load("tiles")      # convlstm/tiles.c -> a cached shared library, or None
+
+The library is built once per source, compiler and CPU into the cache folder
+($CONVLSTM_CACHE_DIR, else $XDG_CACHE_HOME/convlstm, else ~/.cache/convlstm) and loaded with
+ctypes: there is nothing to build at install time and no tie to PyTorch's C++ ABI. The
+kernels run on the calling thread. Where no compiler works (none installed, a broken $CC)
+load returns None after one warning, and with CONVLSTM_NATIVE=0 without one; the callers
+then run their PyTorch code, which computes the same thing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+# tried in order: the first that compiles is used
+FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+COMPILE_TIMEOUT_S = 120
+
+
+def cache_dir() -> Path:
+    if os.environ.get("CONVLSTM_CACHE_DIR"):
+        return Path(os.environ["CONVLSTM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "convlstm"
+
+
+def compiler() -> str | None:
+    """$CC, else the first of cc, gcc, clang on the PATH."""
+    if os.environ.get("CC"):
+        return os.environ["CC"]
+    return next((found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))), None)
+
+
+def _cpu() -> str:
+    """What -march=native depends on, so that a cache folder shared between machines does
+    not hand one CPU another's instructions."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return next((line for line in text.splitlines() if line.startswith("flags")), text[:200])
+    except OSError:
+        return platform.processor()
+
+
+def _build(source: Path, cc: str) -> Path:
+    """Compile `source` (cached); raises RuntimeError with the compiler's complaint."""
+    text = source.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        what = [cc, " ".join(flags), platform.machine(), _cpu()]
+        key = hashlib.sha256(b"\0".join([text, *(part.encode() for part in what)]))
+        target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run(
+                [cc, *flags, "-shared", "-fPIC", str(source), "-o", tmp],
+                capture_output=True,
+                text=True,
+                timeout=COMPILE_TIMEOUT_S,
+            )
+            if run.returncode == 0:
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, target)  # atomic: another process may build the same file
+                return target
+            lines = run.stderr.strip().splitlines()
+            errors.append(lines[-1] if lines else f"exit status {run.returncode}")
+        except (OSError, subprocess.TimeoutExpired) as error:
+            errors.append(str(error))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"{cc} could not build {source.name}: {errors[-1]}")
+
+
+@functools.cache
+def load(name: str) -> ctypes.CDLL | None:
+    """convlstm/<name>.c compiled and loaded, or None (with one warning) where it can't be."""
+    if os.environ.get("CONVLSTM_NATIVE", "1") == "0":
+        return None
+    cc = compiler()
+    try:
+        if cc is None:
+            raise RuntimeError("no C compiler (cc, gcc or clang) on the PATH")
+        return ctypes.CDLL(str(_build(Path(__file__).with_name(f"{name}.c"), cc)))
+    except (RuntimeError, OSError) as error:
+        warnings.warn(
+            f"convlstm: the C kernels of {name}.c are not available ({error}); "
+            "using the slower PyTorch code instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None

@@ -1,0 +1,71 @@
+"""convlstm.native: C sources compiled once into a cache folder, loaded with ctypes, and a
+clear fallback (one warning, None) where no compiler works."""
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+
+from convlstm import native
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache folder, and load() forgetting what it loaded before."""
+    monkeypatch.setenv("CONVLSTM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CONVLSTM_NATIVE", raising=False)
+    native.load.cache_clear()
+    yield tmp_path / "cache"
+    native.load.cache_clear()
+
+
+def _compiler_or_skip() -> None:
+    if native.compiler() is None:
+        pytest.skip("no C compiler here")
+
+
+def test_builds_once_and_reuses_the_cached_library(cache, monkeypatch):
+    _compiler_or_skip()
+    lib = native.load("tiles")
+    assert isinstance(lib, ctypes.CDLL) and hasattr(lib, "input_tiles_f32")
+    built = sorted(cache.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary file left beside it
+    native.load.cache_clear()
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("the cached library should have been reused")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert native.load("tiles") is not None
+    assert sorted(cache.iterdir()) == built
+
+
+@pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"])
+def test_a_compiler_that_fails_warns_once_and_leaves_nothing(cache, monkeypatch, cc):
+    monkeypatch.setenv("CC", shutil.which(cc) or cc)
+    with pytest.warns(RuntimeWarning, match="tiles.c are not available.*slower PyTorch code"):
+        assert native.load("tiles") is None
+    assert native.load("tiles") is None  # remembered: no second warning, no second try
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_no_compiler_on_the_path(cache, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert native.load("tiles") is None
+
+
+def test_can_be_switched_off_without_a_warning(cache, monkeypatch, recwarn):
+    monkeypatch.setenv("CONVLSTM_NATIVE", "0")
+    assert native.load("tiles") is None
+    assert not recwarn.list
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("CONVLSTM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native.cache_dir() == tmp_path / "convlstm"
+    monkeypatch.setenv("CONVLSTM_CACHE_DIR", str(tmp_path / "mine"))
+    assert native.cache_dir() == tmp_path / "mine"
