@@ -125,7 +125,17 @@ def _steps(conv, x0, extra):
 
 
 @pytest.mark.parametrize("batch_grad", [True, False])
-def test_sequence_equals_per_step_convolutions_and_batches_the_filter_gradient(batch_grad):
+def test_sequence_equals_per_step_convolutions_and_folds_the_filter_gradient(
+    batch_grad, monkeypatch
+):
+    folds = []
+
+    def counted(total, u, dm):
+        folds.append(total is None)
+        return fold(total, u, dm)
+
+    fold = winograd._fold_filter_grad
+    monkeypatch.setattr(winograd, "_fold_filter_grad", counted)
     torch.manual_seed(0)
     weight = torch.randn(3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
@@ -140,10 +150,11 @@ def test_sequence_equals_per_step_convolutions_and_batches_the_filter_gradient(b
     torch.testing.assert_close(loss_w, loss, rtol=1e-12, atol=0)
     for g, e in zip(torch.autograd.grad(loss_w, params), expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    # with batch_grad each step's filter gradient was added into one total (the first one
+    # starting it), and the total handed over; without, autograd summed them
+    assert folds == ([True, False, False, False] if batch_grad else [])
     if batch_grad:
-        assert (
-            sequence.tape.firsts == [] and sequence.tape.seconds == []
-        )  # consumed by the one product
+        assert not sequence.tape.kept and sequence.tape.firsts == []
 
 
 def test_sequence_keeps_nothing_for_a_backward_that_stops_short_of_the_filter():
@@ -157,7 +168,7 @@ def test_sequence_keeps_nothing_for_a_backward_that_stops_short_of_the_filter():
     sequence = WinogradSequence(weight, None)
     loss = _steps(sequence, x0, extra)
     torch.autograd.grad(loss, x0, retain_graph=True)
-    assert sequence.tape.firsts == [] and sequence.tape.seconds == []
+    assert not sequence.tape.kept
     torch.testing.assert_close(torch.autograd.grad(loss, weight), expected, rtol=1e-10, atol=0)
 
 
