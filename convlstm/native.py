@@ -1,4 +1,5 @@
-"""C kernels shipped as source, compiled on first use with the system's C compiler.
+"""Native helpers for the CPU fast path: C kernels shipped as source, compiled on first use
+with the system's C compiler; and glibc's malloc told to keep freed memory.
 
     lib = native.load("tiles")      # convlstm/tiles.c -> a cached shared library, or None
 
@@ -104,3 +105,30 @@ def load(name: str) -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse (process-wide; once): blocks up to
+    32 MiB come from the heap instead of fresh mmaps, and the heap's top is returned to the
+    system only beyond 2 GiB. PyTorch's CPU tensors are plain mallocs, and a training step
+    that frees and reallocates large temporaries otherwise gets fresh pages each time: the
+    CPU fast path took 400-12,000 page faults per step by default and almost none after
+    this: 509-552 against 582-591 ms per step in three alternating pairs of runs
+    (mmnist-cpu-small, batch 16, 2-core CPU). The peak memory is unchanged; it is just not
+    handed back. Returns whether it applied (False off glibc, where the allocator is left
+    alone)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    )

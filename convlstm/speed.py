@@ -22,7 +22,9 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   2.25 multiplications per output instead of 9, for the CPU, where training is bound by the
   convolutions' arithmetic; the tile transforms are C kernels (convlstm/tiles.c) where a C
   compiler is found. Other kernel sizes, and autocast (bf16 / fp16), keep the direct
-  convolution.
+  convolution. Turning it on also asks glibc's malloc to keep freed memory for reuse
+  (convlstm.native.keep_freed_memory: process-wide), which the CPU fast path's large
+  temporaries need to avoid fresh pages at every step.
 - checkpointing: each recurrent step is recomputed in backward instead of stored.
 """
 
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from convlstm import native
 from convlstm.cells.base import RecurrentCell
 from convlstm.cells.lstm import ConvLSTMCell
 from convlstm.errors import ConfigError, ShapeError
@@ -118,6 +121,8 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
             module.fused_update = fused if plain else None
             module.batched_wgrad = options.batched_wgrad
             module.winograd = options.winograd and module.kernel_size == 3
+    if options.winograd:
+        native.keep_freed_memory()
     layout = torch.channels_last if options.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     return model

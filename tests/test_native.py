@@ -2,12 +2,16 @@
 clear fallback (one warning, None) where no compiler works."""
 
 import ctypes
+import platform
 import shutil
 import subprocess
 
 import pytest
 
 from convlstm import native
+from convlstm.config import ModelConfig
+from convlstm.models import build_model
+from convlstm.speed import SpeedOptions, apply_speed
 
 
 @pytest.fixture
@@ -69,3 +73,15 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert native.cache_dir() == tmp_path / "convlstm"
     monkeypatch.setenv("CONVLSTM_CACHE_DIR", str(tmp_path / "mine"))
     assert native.cache_dir() == tmp_path / "mine"
+
+
+def test_the_cpu_fast_path_keeps_freed_memory(monkeypatch):
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert native.keep_freed_memory() is True
+    calls = []
+    monkeypatch.setattr(native, "keep_freed_memory", lambda: calls.append(1))
+    model = build_model(ModelConfig(hidden_channels=(4,), kernel_size=3, patch_size=2))
+    apply_speed(model, SpeedOptions(hoist=True))
+    assert calls == []
+    apply_speed(model, SpeedOptions.for_path("fast", "cpu"))
+    assert calls == [1]
