@@ -14,15 +14,24 @@ Arithmetic runs in at least float32 (the gate pre-activations may be bf16 / fp16
 autocast); h and c come out in the promoted dtype of the inputs, as in the eager update,
 and each gradient in its input's dtype. The backward is not itself differentiable (no
 double backward).
+
+On the CPU, `native_lstm_update()` runs the forward eagerly, keeps the gate activations,
+and makes the whole backward in one C pass (convlstm/gates.c): no recomputation, no
+concatenation, dz written in z's layout.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from convlstm import native
+from convlstm.cells.lstm import lstm_update
 
 
 def _result_dtype(z: Tensor, c: Tensor, z_more: Tensor | None) -> torch.dtype:
@@ -111,5 +120,72 @@ def fused_lstm_update(compiled: bool = True) -> Callable[..., tuple[Tensor, Tens
 
     def update(z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return _FusedUpdate.apply(z, c, z_more, kernels)
+
+    return update
+
+
+_NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+@functools.cache
+def _native_backward(suffix: str):
+    lib = native.load("gates")
+    if lib is None:
+        return None
+    fn = getattr(lib, f"lstm_backward_{suffix}")
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
+class _NativeUpdate(torch.autograd.Function):
+    """lstm_update whose forward saves the gate activations and whose backward is one C pass
+    (convlstm/gates.c) writing dz in z's layout, instead of autograd's dozen kernels and the
+    concatenation of the four gate gradients."""
+
+    @staticmethod
+    def forward(ctx, z, c, z_more, kernel):
+        zz = z if z_more is None else z + z_more
+        act = torch.sigmoid(zz)  # i, f and o; g's quarter is replaced by its tanh
+        n = c.shape[1]
+        torch.tanh(zz[:, 2 * n : 3 * n], out=act[:, 2 * n : 3 * n])
+        i, f, g, o = act.chunk(4, dim=1)
+        c_new = torch.addcmul(f * c, i, g)
+        t = torch.tanh(c_new)
+        ctx.kernel, ctx.more = kernel, z_more is not None
+        ctx.save_for_backward(act, c, t)
+        return o * t, c_new
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh, dc_new):
+        act, c, t = ctx.saved_tensors
+        nhwc = not act.is_contiguous() and act.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if nhwc else torch.contiguous_format
+        act = act.contiguous(memory_format=layout)  # dense: already, unless z was strided
+        c, t, dh, dc_new = (x.contiguous(memory_format=layout) for x in (c, t, dh, dc_new))
+        dz, dc = torch.empty_like(act), torch.empty_like(c)
+        b, ch, h, w = c.shape
+        tensors = (act, c, t, dh, dc_new, dz, dc)
+        ctx.kernel(*(x.data_ptr() for x in tensors), b, ch, h * w, int(nhwc))
+        return dz, dc, dz if ctx.more else None, None
+
+
+def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
+    """`update(z, c, z_more=None) -> (h', c')`: lstm_update with the backward as one C kernel,
+    for float32 / float64 CPU tensors of one dtype (anything else runs lstm_update); None
+    where the C kernel can't be built (no C compiler)."""
+    if native.load("gates") is None:
+        return None
+
+    def update(z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        kernel = None
+        same = z_more is None or (z_more.dtype == z.dtype and z_more.shape == z.shape)
+        if z.device.type == "cpu" and z.dim() == 4 and c.dtype == z.dtype and same:
+            suffix = _NATIVE_DTYPES.get(z.dtype)
+            kernel = None if suffix is None else _native_backward(suffix)
+        if kernel is None:
+            return lstm_update(z, c, z_more)
+        return _NativeUpdate.apply(z, c, z_more, kernel)
 
     return update

@@ -25,6 +25,9 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   convolution. Turning it on also asks glibc's malloc to keep freed memory for reuse
   (convlstm.native.keep_freed_memory: process-wide), which the CPU fast path's large
   temporaries need to avoid fresh pages at every step.
+- native_gates: the plain ConvLSTM gate update with its backward as one C pass
+  (convlstm/gates.c; the forward saves the gate activations), for float32 / float64 on the
+  CPU, where autograd's version is a dozen small kernels and a concatenation.
 - checkpointing: each recurrent step is recomputed in backward instead of stored.
 """
 
@@ -43,7 +46,7 @@ from convlstm.cells.base import RecurrentCell
 from convlstm.cells.lstm import ConvLSTMCell
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.evaluation import autocast
-from convlstm.gates import fused_lstm_update
+from convlstm.gates import fused_lstm_update, native_lstm_update
 from convlstm.layers import ConvRNN
 
 
@@ -56,9 +59,15 @@ class SpeedOptions:
     fused_optimizer: bool = False
     batched_wgrad: bool = False
     winograd: bool = False
+    native_gates: bool = False
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        if self.native_gates and self.fused_gates:
+            raise ConfigError(
+                "native_gates (the CPU's C kernel) and fused_gates (compiled, for CUDA) are "
+                "two ways to run the gate update: use one or the other"
+            )
         if self.batched_wgrad and self.winograd:
             raise ConfigError(
                 "batched_wgrad and winograd are two ways to run the gate "
@@ -75,10 +84,11 @@ class SpeedOptions:
         """Options for TrainConfig.path. "eager": the readable reference. "fast": the
         options that paid on the device in experiments/benchmark. On CUDA (H100,
         ConvLSTM-S: 2.8x eager bf16 at batch 16, 1.1x at batch 64) all of them but
-        batched_wgrad, not yet measured on a GPU, and winograd, which is for the CPU. On the
-        CPU, where training is bound by the convolutions' arithmetic, hoisting and Winograd
-        3x3 convolutions (mmnist-cpu-small, batch 16: 1.3x eager); channels-last and
-        compiled gates measured no better than eager within this CPU's noise."""
+        batched_wgrad, not yet measured on a GPU, and winograd and native_gates, which are
+        for the CPU. On the CPU, where training is bound by the convolutions' arithmetic,
+        hoisting, Winograd 3x3 convolutions and the C gate backward (mmnist-cpu-small: about
+        1.6x eager at batch 16); channels-last and compiled gates measured no better than
+        eager within this CPU's noise."""
         if path == "eager":
             return cls(checkpointing=checkpointing)
         if path != "fast":
@@ -87,6 +97,7 @@ class SpeedOptions:
         return cls(
             hoist=True,
             winograd=not cuda,
+            native_gates=not cuda,
             fused_gates=cuda,
             channels_last=cuda,
             cuda_graph=cuda,
@@ -99,6 +110,8 @@ class SpeedOptions:
             for name in ("cuda_graph", "fused_optimizer"):
                 if getattr(self, name):
                     raise ConfigError(f"{name} needs a CUDA device, not {device}")
+        elif self.native_gates:
+            raise ConfigError(f"native_gates is a CPU kernel, not for {device}")
 
     def describe(self) -> str:
         on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
@@ -110,6 +123,8 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
     dict and results (up to float rounding) are unchanged, so checkpoints move freely
     between the paths."""
     fused = fused_lstm_update() if options.fused_gates else None
+    if options.native_gates:
+        fused = native_lstm_update()  # None without a C compiler: the eager update then
     for module in model.modules():
         if isinstance(module, ConvRNN):
             module.hoist = options.hoist

@@ -63,12 +63,16 @@ VARIANTS: dict[str, tuple[str, Callable[[torch.device], SpeedOptions]]] = {
     "fast-no-hoist": ("auto", lambda device: _fast(device, hoist=False)),
     "fast-checkpointing": ("auto", lambda device: _fast(device, checkpointing=True)),
     "fast-with-channels-last": ("auto", lambda device: _fast(device, channels_last=True)),
-    "fast-with-fused-gates": ("auto", lambda device: _fast(device, fused_gates=True)),
+    "fast-with-fused-gates": (
+        "auto",
+        lambda device: _fast(device, fused_gates=True, native_gates=False),
+    ),
     "fast-with-batched-wgrad": (
         "auto",
         lambda device: _fast(device, batched_wgrad=True, winograd=False),
     ),
     "fast-no-winograd": ("auto", lambda device: _fast(device, winograd=False)),
+    "fast-no-native-gates": ("auto", lambda device: _fast(device, native_gates=False)),
 }
 DEFAULT_VARIANTS = {
     "cuda": [
@@ -81,7 +85,7 @@ DEFAULT_VARIANTS = {
         "fast-with-batched-wgrad",
         "fast-checkpointing",
     ],
-    "cpu": ["eager-fp32", "fast", "fast-no-winograd", "fast-with-batched-wgrad"],
+    "cpu": ["eager-fp32", "fast", "fast-no-native-gates", "fast-no-winograd"],
 }
 
 

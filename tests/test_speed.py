@@ -323,14 +323,15 @@ def test_speed_options_refuse_cuda_only_parts_on_the_cpu():
     with pytest.raises(ConfigError, match="path must be"):
         SpeedOptions.for_path("quick", cpu)
     fast_cpu = SpeedOptions.for_path("fast", cpu)
-    assert fast_cpu == SpeedOptions(hoist=True, winograd=True)
+    assert fast_cpu == SpeedOptions(hoist=True, winograd=True, native_gates=True)
     assert SpeedOptions.for_path("fast", torch.device("cuda")).cuda_graph
 
 
 def test_fast_training_follows_the_eager_run(tmp_path):
     eager = _train(tmp_path, "eager", checkpoint_every=0)
     fast = _train(tmp_path, "fast", checkpoint_every=0, path="fast", activation_checkpointing=True)
-    assert fast["speed"] == "hoist+winograd+checkpointing" and eager["speed"] == "eager"
+    assert fast["speed"] == "hoist+winograd+native_gates+checkpointing"
+    assert eager["speed"] == "eager"
     le = torch.tensor([loss for _, loss in eager["losses"]])
     lf = torch.tensor([loss for _, loss in fast["losses"]])
     torch.testing.assert_close(lf, le, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,89 @@
+"""The CPU fast path's gate update (convlstm.gates.native_lstm_update): eager forward with the
+activations saved, the backward as one C pass; equal to lstm_update, number for number in
+float64."""
+
+import pytest
+import torch
+
+from convlstm import native
+from convlstm.cells.lstm import lstm_update
+from convlstm.errors import ConfigError
+from convlstm.gates import native_lstm_update
+from convlstm.speed import SpeedOptions
+from tests.test_speed import CONVLSTM_CASES, assert_fast_equals_eager, convlstm_config
+
+
+@pytest.fixture
+def update():
+    if native.load("gates") is None:
+        pytest.skip("no C compiler here: the C gate kernel can't be built")
+    return native_lstm_update()
+
+
+def _outputs_and_grads(fn, z, c, more):
+    h, c_new = fn(z, c, more)
+    weights = torch.linspace(-1, 1, h.numel(), dtype=h.dtype).view_as(h)
+    loss = (h * weights).sum() + (c_new**2).sum()
+    inputs = [t for t in (z, c, more) if t is not None]
+    return (h, c_new), torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_more", [False, True])
+def test_equals_the_eager_update(update, dtype, tol, channels_last, with_more):
+    torch.manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    z = torch.randn(2, 12, 3, 5, dtype=dtype).contiguous(memory_format=layout)
+    c = torch.randn(2, 3, 3, 5, dtype=dtype)  # the other layout when z is channels-last
+    more = torch.randn(2, 12, 3, 5, dtype=dtype) if with_more else None
+    leaves = [t.requires_grad_() for t in (z, c, more) if t is not None]
+    got = _outputs_and_grads(update, z, c, more)
+    expected = _outputs_and_grads(lstm_update, z, c, more)
+    assert got[1][0].is_contiguous(memory_format=layout)  # dz in z's layout
+    assert len(leaves) == len(got[1])
+    for a, b in zip([*got[0], *got[1]], [*expected[0], *expected[1]], strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_passes_gradcheck(update):
+    gen = torch.Generator().manual_seed(3)
+    z, more = (torch.randn(2, 8, 3, 3, dtype=torch.float64, generator=gen) for _ in range(2))
+    c = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=gen)
+    args = tuple(t.requires_grad_() for t in (z, c, more))
+    assert torch.autograd.gradcheck(update, args)
+
+
+def test_other_dtypes_and_devices_run_the_eager_update(update):
+    z = torch.randn(2, 8, 3, 3).bfloat16().requires_grad_()
+    h, _ = update(z, torch.randn(2, 2, 3, 3).bfloat16())
+    assert "NativeUpdate" not in type(h.grad_fn).__name__
+    z32 = torch.randn(2, 8, 3, 3, requires_grad=True)
+    h, _ = update(z32, torch.randn(2, 2, 3, 3))
+    assert "NativeUpdate" in type(h.grad_fn).__name__
+    h, _ = update(z32, torch.randn(2, 2, 3, 3, dtype=torch.float64))  # mixed: eager
+    assert "NativeUpdate" not in type(h.grad_fn).__name__
+
+
+def test_refuses_double_backward(update):
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    h, _ = update(z, torch.randn(2, 2, 3, 3))
+    (grad,) = torch.autograd.grad(h.sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="grad"):
+        grad.sum().backward()
+
+
+@CONVLSTM_CASES
+def test_the_cpu_fast_path_equals_eager_in_float64(update, overrides, hoist):
+    options = SpeedOptions.for_path("fast", torch.device("cpu"))
+    assert options.native_gates and options.winograd
+    options = SpeedOptions(hoist=hoist, winograd=True, native_gates=True)
+    assert_fast_equals_eager(convlstm_config(overrides), options, rtol=1e-11, grad_rtol=1e-9)
+
+
+def test_native_gates_are_for_the_cpu_alone():
+    with pytest.raises(ConfigError, match="one or the other"):
+        SpeedOptions(native_gates=True, fused_gates=True)
+    with pytest.raises(ConfigError, match="native_gates is a CPU kernel"):
+        SpeedOptions(native_gates=True).check(torch.device("cuda"))
+    assert not SpeedOptions.for_path("fast", torch.device("cuda")).native_gates
