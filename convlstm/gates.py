@@ -173,15 +173,18 @@ class _NativeUpdate(torch.autograd.Function):
 
 def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
     """`update(z, c, z_more=None) -> (h', c')`: lstm_update with the backward as one C kernel,
-    for float32 / float64 CPU tensors of one dtype (anything else runs lstm_update); None
-    where the C kernel can't be built (no C compiler)."""
+    for float32 / float64 CPU tensors of one dtype and full shapes (anything else, e.g. a
+    broadcast c, runs lstm_update); None where the C kernel can't be built (no C compiler)."""
     if native.load("gates") is None:
         return None
 
     def update(z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
         kernel = None
+        gates = z.dim() == 4 and z.shape[1] % 4 == 0
+        # the C pass takes every tensor at full size: no broadcasting (the eager update does)
+        full = gates and c.shape == (z.shape[0], z.shape[1] // 4, *z.shape[2:])
         same = z_more is None or (z_more.dtype == z.dtype and z_more.shape == z.shape)
-        if z.device.type == "cpu" and z.dim() == 4 and c.dtype == z.dtype and same:
+        if z.device.type == "cpu" and full and c.dtype == z.dtype and same:
             suffix = _NATIVE_DTYPES.get(z.dtype)
             kernel = None if suffix is None else _native_backward(suffix)
         if kernel is None:

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -37,7 +38,8 @@ def cache_dir() -> Path:
 
 
 def compiler() -> str | None:
-    """$CC, else the first of cc, gcc, clang on the PATH."""
+    """$CC (a command line: "ccache gcc" works), else the first of cc, gcc, clang on the
+    PATH."""
     if os.environ.get("CC"):
         return os.environ["CC"]
     return next((found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))), None)
@@ -68,7 +70,7 @@ def _build(source: Path, cc: str) -> Path:
         os.close(fd)
         try:
             run = subprocess.run(
-                [cc, *flags, "-shared", "-fPIC", str(source), "-o", tmp],
+                [*shlex.split(cc), *flags, "-shared", "-fPIC", str(source), "-o", tmp],
                 capture_output=True,
                 text=True,
                 timeout=COMPILE_TIMEOUT_S,
@@ -96,7 +98,12 @@ def load(name: str) -> ctypes.CDLL | None:
     try:
         if cc is None:
             raise RuntimeError("no C compiler (cc, gcc or clang) on the PATH")
-        return ctypes.CDLL(str(_build(Path(__file__).with_name(f"{name}.c"), cc)))
+        source = Path(__file__).with_name(f"{name}.c")
+        try:
+            return ctypes.CDLL(str(_build(source, cc)))
+        except OSError:  # a cached library that can't be loaded (truncated): build it again
+            _build(source, cc).unlink()
+            return ctypes.CDLL(str(_build(source, cc)))
     except (RuntimeError, OSError) as error:
         warnings.warn(
             f"convlstm: the C kernels of {name}.c are not available ({error}); "

@@ -5,6 +5,7 @@ import ctypes
 import platform
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -85,3 +86,21 @@ def test_the_cpu_fast_path_keeps_freed_memory(monkeypatch):
     assert calls == []
     apply_speed(model, SpeedOptions.for_path("fast", "cpu"))
     assert calls == [1]
+
+
+def test_a_broken_cached_library_is_built_again(cache):
+    _compiler_or_skip()
+    assert native.load("tiles") is not None
+    (built,) = cache.iterdir()
+    built.unlink()  # a new file: writing over the one this process has mapped would crash it
+    built.write_bytes(b"not a shared library")
+    # a new process: this one has the library loaded already, and dlopen would reuse it
+    code = "from convlstm import native; assert native.load('tiles') is not None"
+    subprocess.run([sys.executable, "-W", "error", "-c", code], check=True, timeout=120)
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_cc_may_be_a_command_line(cache, monkeypatch):
+    _compiler_or_skip()
+    monkeypatch.setenv("CC", f"{native.compiler()} -Wall")
+    assert native.load("tiles") is not None

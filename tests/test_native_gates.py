@@ -65,6 +65,21 @@ def test_other_dtypes_and_devices_run_the_eager_update(update):
     assert "NativeUpdate" not in type(h.grad_fn).__name__
 
 
+@pytest.mark.parametrize("c_shape", [(1, 2, 3, 3), (2, 1, 3, 3), (4, 2, 3, 3)])
+def test_a_broadcast_memory_runs_the_eager_update(update, c_shape):
+    z = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(c_shape, dtype=torch.float64, requires_grad=True)
+    try:
+        expected = _outputs_and_grads(lstm_update, z, c, None)
+    except RuntimeError:  # not broadcastable: the same error as the eager update
+        with pytest.raises(RuntimeError):
+            update(z, c)
+        return
+    got = _outputs_and_grads(update, z, c, None)
+    for a, b in zip([*got[0], *got[1]], [*expected[0], *expected[1]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
 def test_refuses_double_backward(update):
     z = torch.randn(2, 8, 3, 3, requires_grad=True)
     h, _ = update(z, torch.randn(2, 2, 3, 3))
