@@ -129,6 +129,17 @@ def _run(fn, src: Tensor, dst: Tensor, n: int, h: int, w: int, c: int) -> None:
         raise MemoryError("winograd: the C tile transform could not allocate its scratch")
 
 
+def _in_c(name, src: Tensor, shape, n, h, w, c, dense=Tensor.contiguous) -> Tensor | None:
+    """tiles.c's `name` from `src` (made dense by `dense`) into a new tensor of `shape`, or
+    None where there is no C kernel for src (the caller's PyTorch code runs then)."""
+    fn = _kernel(name, src)
+    if fn is None:
+        return None
+    out = src.new_empty(shape)
+    _run(fn, dense(src), out, n, h, w, c)
+    return out
+
+
 def _nhwc(x: Tensor) -> Tensor:
     """(N, C, H, W) -> its dense NHWC storage (a view for channels-last tensors)."""
     return x.permute(0, 2, 3, 1).contiguous()
@@ -138,10 +149,8 @@ def _input_tiles(x: Tensor) -> Tensor:
     """x (N, C, H, W) -> the Winograd-domain input (36, N*th*tw, C)."""
     n, c, h, w = x.shape
     th, tw = _tiles(x.shape)
-    fn = _kernel("input_tiles", x)
-    if fn is not None:
-        u = x.new_empty(A * A, n * th * tw, c)
-        _run(fn, _nhwc(x), u, n, h, w, c)
+    u = _in_c("input_tiles", x, (A * A, n * th * tw, c), n, h, w, c, dense=_nhwc)
+    if u is not None:
         return u
     padded = F.pad(x, (1, tw * M + 1 - w, 1, th * M + 1 - h))  # (N, C, th*4 + 2, tw*4 + 2)
     s = padded.stride()
@@ -155,10 +164,8 @@ def _input_tiles(x: Tensor) -> Tensor:
 def _output_from(m: Tensor, n: int, h: int, w: int) -> Tensor:
     """Winograd-domain products (36, N*th*tw, C_out) -> y (N, C_out, H, W), channels-last."""
     c_out = m.shape[-1]
-    fn = _kernel("output_from", m)
-    if fn is not None:
-        y = m.new_empty(n, h, w, c_out)
-        _run(fn, m.contiguous(), y, n, h, w, c_out)
+    y = _in_c("output_from", m, (n, h, w, c_out), n, h, w, c_out)
+    if y is not None:
         return y.permute(0, 3, 1, 2)
     _, _, at = _matrices(m.dtype, m.device)
     th, tw = _tiles((h, w))
@@ -172,10 +179,8 @@ def _grad_tiles(grad: Tensor) -> Tensor:
     transpose."""
     n, c_out, h, w = grad.shape
     th, tw = _tiles(grad.shape)
-    fn = _kernel("grad_tiles", grad)
-    if fn is not None:
-        dm = grad.new_empty(A * A, n * th * tw, c_out)
-        _run(fn, _nhwc(grad), dm, n, h, w, c_out)
+    dm = _in_c("grad_tiles", grad, (A * A, n * th * tw, c_out), n, h, w, c_out, dense=_nhwc)
+    if dm is not None:
         return dm
     g = grad.permute(0, 2, 3, 1)  # NHWC view (a copy below unless channels-last already)
     if (th * M, tw * M) != (h, w):
@@ -190,10 +195,8 @@ def _input_grad(du: Tensor, shape: tuple[int, ...]) -> Tensor:
     overlapping tiles summed (fold)."""
     n, c, h, w = shape
     th, tw = _tiles(shape)
-    fn = _kernel("input_grad", du)
-    if fn is not None:
-        dx = du.new_empty(n, h, w, c)
-        _run(fn, du.contiguous(), dx, n, h, w, c)
+    dx = _in_c("input_grad", du, (n, h, w, c), n, h, w, c)
+    if dx is not None:
         return dx.permute(0, 3, 1, 2)
     b, _, _ = _matrices(du.dtype, du.device)
     dt = _both_axes(b.t(), du.reshape(A, A, -1)).view(A, A, n, th, tw, c)
