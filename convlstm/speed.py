@@ -18,13 +18,13 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 - batched_wgrad: each ConvLSTM gate weight's gradient computed once per sequence, over all
   its steps stacked (convlstm.wgrad), instead of one small product per step summed in the
   compute dtype. More peak memory (each step's gate gradient is kept); not with checkpointing.
-- winograd: ConvLSTM 3x3 gate convolutions by Winograd's F(4x4, 3x3) (convlstm.winograd):
-  2.25 multiplications per output instead of 9, for the CPU, where training is bound by the
-  convolutions' arithmetic; the tile transforms are C kernels (convlstm/tiles.c) where a C
-  compiler is found. Other kernel sizes, and autocast (bf16 / fp16), keep the direct
-  convolution. Turning it on also asks glibc's malloc to keep freed memory for reuse
-  (convlstm.native.keep_freed_memory: process-wide), which the CPU fast path's large
-  temporaries need to avoid fresh pages at every step.
+- winograd: ConvLSTM 3x3 and 5x5 gate convolutions by Winograd's F(4x4, 3x3) and F(2x2, 5x5)
+  (convlstm.winograd): 2.25 multiplications per output instead of 9, and 9 instead of 25, for
+  the CPU, where training is bound by the convolutions' arithmetic; the tile transforms are C
+  kernels (convlstm/tiles.c) where a C compiler is found. Other kernel sizes, and autocast
+  (bf16 / fp16), keep the direct convolution. Turning it on also asks glibc's malloc to keep
+  freed memory for reuse (convlstm.native.keep_freed_memory: process-wide), which the CPU fast
+  path's large temporaries need to avoid fresh pages at every step.
 - native_gates: the plain ConvLSTM gate update with its backward as one C pass
   (convlstm/gates.c; the forward saves the gate activations), for float32 / float64 on the
   CPU, where autograd's version is a dozen small kernels and a concatenation.
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from convlstm import native
+from convlstm import native, winograd
 from convlstm.cells.base import RecurrentCell
 from convlstm.cells.lstm import ConvLSTMCell
 from convlstm.errors import ConfigError, ShapeError
@@ -135,7 +135,7 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
             plain = module.peephole == "none" and module.norm.kind == "none"
             module.fused_update = fused if plain else None
             module.batched_wgrad = options.batched_wgrad
-            module.winograd = options.winograd and module.kernel_size == 3
+            module.winograd = options.winograd and module.kernel_size in winograd.KERNEL_SIZES
     if options.winograd:
         native.keep_freed_memory()
     layout = torch.channels_last if options.channels_last else torch.contiguous_format

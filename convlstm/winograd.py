@@ -1,29 +1,32 @@
-"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3): fewer multiplications.
+"""3x3 and 5x5 convolutions by Winograd's minimal filtering F(4x4, 3x3) and F(2x2, 5x5).
 
-A direct 3x3 convolution spends 9 multiply-adds per output pixel and channel pair. F(4x4, 3x3)
-cuts the (zero-padded) input into overlapping 6x6 tiles (stride 4), maps each tile and each
-3x3 filter into a 6x6 "Winograd domain", multiplies there elementwise (36 products per 16
-outputs: 2.25 per output), and maps the products back to 4x4 output tiles (Lavin and Gray,
-2016). Summed over input channels, the elementwise products are 36 independent matrix
-products, one per tile position: (tiles, C_in) @ (C_in, C_out). On a CPU, where a training
-step is bound by the convolutions' arithmetic, that is the only way to be much faster than
-the direct convolution; the transforms are small matrix products of their own.
+A direct 3x3 convolution spends 9 multiply-adds per output pixel and channel pair, a 5x5 one
+25. Winograd's algorithm cuts the (zero-padded) input into overlapping 6x6 tiles (stride 4
+for 3x3 filters, 2 for 5x5), maps each tile and each filter into a 6x6 "Winograd domain",
+multiplies there elementwise, and maps the products back to output tiles (4x4 or 2x2; Lavin
+and Gray, 2016): 36 products per 16 outputs (2.25 per output, against 9) for 3x3 filters,
+36 per 4 (9 per output, against 25) for 5x5. Both use the interpolation points 0, 1, -1, 2,
+-2 and infinity, so they share the input transform. Summed over input channels, the
+elementwise products are 36 independent matrix products, one per tile position: (tiles,
+C_in) @ (C_in, C_out). On a CPU, where a training step is bound by the convolutions'
+arithmetic, that is the only way to be much faster than the direct convolution; the
+transforms are small matrix products of their own.
 
 The result equals the direct convolution in exact arithmetic (float64 agrees to about 1e-13);
 in float32 the transforms cost about one more decimal digit (relative error about 1e-5
 instead of 1e-6). The backward pass is written by hand in the same domain: the input
 gradient by the transposed transforms, the filter gradient in the Winograd domain (mapped
-back to the 3x3 filter by autograd through `transform_weight`).
+back to the filter by autograd through `transform_weight`).
 
 The four tile transforms (input tiles, products back to outputs, and their transposes for
 the backward) run as C kernels, one pass each (convlstm/tiles.c, compiled on first use by
 convlstm.native), for float32 and float64 CPU tensors. In PyTorch each is two small matrix
-products plus the copies that cut out tiles and put them back: about 45% of a Winograd
+products plus the copies that cut out tiles and put them back: about 45% of a 3x3 Winograd
 convolution at batch 16, where the C kernels take about 20%. Without a C compiler, and on
 other devices and dtypes, the PyTorch code below runs instead (tested equal).
 
     v = transform_weight(weight)        # (36, C_in, C_out), once per sequence
-    y = winograd_conv3x3(x, v)          # = F.conv2d(x, weight, padding=1), x (N, C_in, H, W)
+    y = winograd_conv(x, v, 3)          # = F.conv2d(x, weight, padding=1), x (N, C_in, H, W)
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ from torch.autograd.function import once_differentiable
 from convlstm import native
 from convlstm.wgrad import StepTape, refuse_second_order, share
 
-M, R = 4, 3  # output tile, filter size
-A = M + R - 1  # input tile: 6
+A = 6  # input tile, for both filter sizes
+KERNEL_SIZES = (3, 5)
+_OUTPUT_TILE = {3: 4, 5: 2}  # filter size r -> output tile m = A - r + 1
 
-# F(4, 3) with interpolation points 0, 1, -1, 2, -2 and infinity (Lavin and Gray, 2016).
+# Points 0, 1, -1, 2, -2 and infinity (Lavin and Gray, 2016). B^T depends only on the points;
+# G's row for point p is s_p (1, p, .., p^(r-1)) with the scales s_p below (infinity: the
+# filter's last tap); A^T's row i is (p^i for the points), with a 1 at infinity in the last.
 _BT = [
     [4, 0, -5, 0, 1, 0],
     [0, -4, -4, 1, 1, 0],
@@ -52,32 +58,29 @@ _BT = [
     [0, 2, -1, -2, 1, 0],
     [0, 4, 0, -5, 0, 1],
 ]
-_G = [
-    [1 / 4, 0, 0],
-    [-1 / 6, -1 / 6, -1 / 6],
-    [-1 / 6, 1 / 6, -1 / 6],
-    [1 / 24, 1 / 12, 1 / 6],
-    [1 / 24, -1 / 12, 1 / 6],
-    [0, 0, 1],
-]
-_AT = [
-    [1, 1, 1, 1, 1, 0],
-    [0, 1, -1, 2, -2, 0],
-    [0, 1, 1, 4, 4, 0],
-    [0, 1, -1, 8, -8, 1],
-]
+_POINTS = (0, 1, -1, 2, -2)
+_SCALES = (1 / 4, -1 / 6, -1 / 6, 1 / 24, 1 / 24)
+
+
+def _g_rows(r: int) -> list[list[float]]:
+    rows = [[s * p**j for j in range(r)] for s, p in zip(_SCALES, _POINTS, strict=True)]
+    return rows + [[0] * (r - 1) + [1]]
+
+
+def _at_rows(m: int) -> list[list[int]]:
+    return [[p**i for p in _POINTS] + [int(i == m - 1)] for i in range(m)]
 
 
 @functools.cache
-def _matrices(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """The 1-D transforms B^T (6, 6), G (6, 3), A^T (4, 6) in `dtype` (exact in binary but for
-    G's sixths and twelfths, rounded once)."""
+def _matrices(dtype: torch.dtype, device: torch.device, r: int = 3) -> tuple[Tensor, ...]:
+    """The 1-D transforms of F(m, r): B^T (6, 6), G (6, r), A^T (m, 6) in `dtype` (exact in
+    binary but for G's sixths and twelfths, rounded once)."""
 
     def matrix(rows) -> Tensor:
         return torch.tensor(rows, dtype=torch.float64).to(dtype=dtype, device=device)
 
     with torch.inference_mode(False):  # cached: must stay usable outside inference mode
-        return matrix(_BT), matrix(_G), matrix(_AT)
+        return matrix(_BT), matrix(_g_rows(r)), matrix(_at_rows(_OUTPUT_TILE[r]))
 
 
 def _both_axes(m: Tensor, t: Tensor) -> Tensor:
@@ -89,17 +92,24 @@ def _both_axes(m: Tensor, t: Tensor) -> Tensor:
 
 
 def transform_weight(weight: Tensor) -> Tensor:
-    """3x3 filters (C_out, C_in, 3, 3) -> the Winograd domain (36, C_in, C_out); differentiable."""
-    if weight.dim() != 4 or weight.shape[-2:] != (R, R):
-        raise ValueError(f"transform_weight takes (C_out, C_in, 3, 3), got {tuple(weight.shape)}")
-    _, g, _ = _matrices(weight.dtype, weight.device)
+    """3x3 or 5x5 filters (C_out, C_in, r, r) -> the Winograd domain (36, C_in, C_out);
+    differentiable."""
+    if (
+        weight.dim() != 4
+        or weight.shape[-1] != weight.shape[-2]
+        or weight.shape[-1] not in (KERNEL_SIZES)
+    ):
+        raise ValueError(
+            f"transform_weight takes (C_out, C_in, r, r) with r 3 or 5, got {tuple(weight.shape)}"
+        )
+    _, g, _ = _matrices(weight.dtype, weight.device, weight.shape[-1])
     c_out, c_in = weight.shape[:2]
     return _both_axes(g, weight.permute(2, 3, 1, 0)).reshape(A * A, c_in, c_out)
 
 
-def _tiles(shape: tuple[int, ...]) -> tuple[int, int]:
+def _tiles(shape: tuple[int, ...], m: int) -> tuple[int, int]:
     h, w = shape[-2:]
-    return -(-h // M), -(-w // M)
+    return -(-h // m), -(-w // m)
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -111,7 +121,7 @@ def _c_function(name: str, suffix: str):
     if lib is None:
         return None
     fn = getattr(lib, f"{name}_{suffix}")
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 4
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 5
     fn.restype = ctypes.c_int
     return fn
 
@@ -124,19 +134,22 @@ def _kernel(name: str, t: Tensor):
     return _c_function(name, _SUFFIX[t.dtype])
 
 
-def _run(fn, src: Tensor, dst: Tensor, n: int, h: int, w: int, c: int) -> None:
-    if fn(src.data_ptr(), dst.data_ptr(), n, h, w, c) != 0:
+def _run(fn, src: Tensor, dst: Tensor, n: int, h: int, w: int, c: int, m: int) -> None:
+    status = fn(src.data_ptr(), dst.data_ptr(), n, h, w, c, m)
+    if status == 1:
         raise MemoryError("winograd: the C tile transform could not allocate its scratch")
+    if status != 0:
+        raise ValueError(f"winograd: the C tile transforms take output tiles of 2 or 4, not {m}")
 
 
-def _in_c(name, src: Tensor, shape, n, h, w, c, dense=Tensor.contiguous) -> Tensor | None:
+def _in_c(name, src: Tensor, shape, n, h, w, c, m, dense=Tensor.contiguous) -> Tensor | None:
     """tiles.c's `name` from `src` (made dense by `dense`) into a new tensor of `shape`, or
     None where there is no C kernel for src (the caller's PyTorch code runs then)."""
     fn = _kernel(name, src)
     if fn is None:
         return None
     out = src.new_empty(shape)
-    _run(fn, dense(src), out, n, h, w, c)
+    _run(fn, dense(src), out, n, h, w, c, m)
     return out
 
 
@@ -145,72 +158,78 @@ def _nhwc(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _input_tiles(x: Tensor) -> Tensor:
-    """x (N, C, H, W) -> the Winograd-domain input (36, N*th*tw, C)."""
+def _input_tiles(x: Tensor, m: int = 4) -> Tensor:
+    """x (N, C, H, W) -> the Winograd-domain input (36, N*th*tw, C) for output tiles m x m."""
     n, c, h, w = x.shape
-    th, tw = _tiles(x.shape)
-    u = _in_c("input_tiles", x, (A * A, n * th * tw, c), n, h, w, c, dense=_nhwc)
+    th, tw = _tiles(x.shape, m)
+    u = _in_c("input_tiles", x, (A * A, n * th * tw, c), n, h, w, c, m, dense=_nhwc)
     if u is not None:
         return u
-    padded = F.pad(x, (1, tw * M + 1 - w, 1, th * M + 1 - h))  # (N, C, th*4 + 2, tw*4 + 2)
+    pad = (A - m) // 2
+    padded = F.pad(x, (pad, tw * m + pad - w, pad, th * m + pad - h))
     s = padded.stride()
     tiles = padded.as_strided(
-        (A, A, n, th, tw, c), (s[2], s[3], s[0], M * s[2], M * s[3], s[1])
+        (A, A, n, th, tw, c), (s[2], s[3], s[0], m * s[2], m * s[3], s[1])
     ).reshape(A, A, -1)  # (6, 6, N*th*tw*C), one copy
     b, _, _ = _matrices(x.dtype, x.device)
     return _both_axes(b, tiles).view(A * A, n * th * tw, c)
 
 
-def _output_from(m: Tensor, n: int, h: int, w: int) -> Tensor:
+def _output_from(prod: Tensor, n: int, h: int, w: int, m: int = 4) -> Tensor:
     """Winograd-domain products (36, N*th*tw, C_out) -> y (N, C_out, H, W), channels-last."""
-    c_out = m.shape[-1]
-    y = _in_c("output_from", m, (n, h, w, c_out), n, h, w, c_out)
+    c_out = prod.shape[-1]
+    y = _in_c("output_from", prod, (n, h, w, c_out), n, h, w, c_out, m)
     if y is not None:
         return y.permute(0, 3, 1, 2)
-    _, _, at = _matrices(m.dtype, m.device)
-    th, tw = _tiles((h, w))
-    y = _both_axes(at, m.reshape(A, A, -1)).view(M, M, n, th, tw, c_out)
-    y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, th * M, tw * M, c_out)  # NHWC, one copy
+    _, _, at = _matrices(prod.dtype, prod.device, A - m + 1)
+    th, tw = _tiles((h, w), m)
+    y = _both_axes(at, prod.reshape(A, A, -1)).view(m, m, n, th, tw, c_out)
+    y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, th * m, tw * m, c_out)  # NHWC, one copy
     return y[:, :h, :w].permute(0, 3, 1, 2)
 
 
-def _grad_tiles(grad: Tensor) -> Tensor:
+def _grad_tiles(grad: Tensor, m: int = 4) -> Tensor:
     """dL/dy (N, C_out, H, W) -> dL/d(products) (36, N*th*tw, C_out): the output map's
     transpose."""
     n, c_out, h, w = grad.shape
-    th, tw = _tiles(grad.shape)
-    dm = _in_c("grad_tiles", grad, (A * A, n * th * tw, c_out), n, h, w, c_out, dense=_nhwc)
+    th, tw = _tiles(grad.shape, m)
+    dm = _in_c("grad_tiles", grad, (A * A, n * th * tw, c_out), n, h, w, c_out, m, dense=_nhwc)
     if dm is not None:
         return dm
     g = grad.permute(0, 2, 3, 1)  # NHWC view (a copy below unless channels-last already)
-    if (th * M, tw * M) != (h, w):
-        g = F.pad(g, (0, 0, 0, tw * M - w, 0, th * M - h))
-    g = g.reshape(n, th, M, tw, M, c_out).permute(2, 4, 0, 1, 3, 5).reshape(M, M, -1)
-    _, _, at = _matrices(grad.dtype, grad.device)
+    if (th * m, tw * m) != (h, w):
+        g = F.pad(g, (0, 0, 0, tw * m - w, 0, th * m - h))
+    g = g.reshape(n, th, m, tw, m, c_out).permute(2, 4, 0, 1, 3, 5).reshape(m, m, -1)
+    _, _, at = _matrices(grad.dtype, grad.device, A - m + 1)
     return _both_axes(at.t(), g).view(A * A, n * th * tw, c_out)
 
 
-def _input_grad(du: Tensor, shape: tuple[int, ...]) -> Tensor:
+def _overlap_add(t: Tensor, tiles: int, m: int) -> Tensor:
+    """t (6, tiles, rest) -> (tiles + k - 1) * m rows (rest): tile i's 6 rows added at rows
+    m i .. m i + 5 (k = ceil(6 / m) chunks of m rows each)."""
+    k = -(-A // m)
+    rows = t.new_zeros(tiles + k - 1, m, *t.shape[2:])
+    for j in range(k):
+        chunk = t[j * m : (j + 1) * m]
+        rows[j : j + tiles, : chunk.shape[0]] += chunk.movedim(1, 0)
+    return rows.flatten(0, 1)
+
+
+def _input_grad(du: Tensor, shape: tuple[int, ...], m: int = 4) -> Tensor:
     """dL/d(input tiles) (36, N*th*tw, C) -> dL/dx (N, C, H, W): the input map's transpose,
     overlapping tiles summed (fold)."""
     n, c, h, w = shape
-    th, tw = _tiles(shape)
-    dx = _in_c("input_grad", du, (n, h, w, c), n, h, w, c)
+    th, tw = _tiles(shape, m)
+    dx = _in_c("input_grad", du, (n, h, w, c), n, h, w, c, m)
     if dx is not None:
         return dx.permute(0, 3, 1, 2)
     b, _, _ = _matrices(du.dtype, du.device)
     dt = _both_axes(b.t(), du.reshape(A, A, -1)).view(A, A, n, th, tw, c)
-    # overlap-add of the 6-row tiles at stride 4, one axis at a time: rows 0-3 of tile t land
-    # on 4t..4t+3, rows 4-5 on the next tile's first two
-    rows = dt.new_zeros(th + 1, M, A, n, tw, c)
-    rows[:th] = dt[:M].permute(3, 0, 1, 2, 4, 5)
-    rows[1:, : A - M] += dt[M:].permute(3, 0, 1, 2, 4, 5)
-    rows = rows.view((th + 1) * M, A, n, tw, c)  # (padded rows, tile cols, N, tw, C)
-    cols = rows.new_zeros(tw + 1, M, (th + 1) * M, n, c)
-    cols[:tw] = rows[:, :M].permute(3, 1, 0, 2, 4)
-    cols[1:, : A - M] += rows[:, M:].permute(3, 1, 0, 2, 4)
-    padded = cols.view((tw + 1) * M, (th + 1) * M, n, c)  # (W, H, N, C)
-    return padded[1 : w + 1, 1 : h + 1].permute(2, 3, 1, 0)
+    # overlap-add of the 6-row tiles at stride m, one axis at a time
+    rows = _overlap_add(dt.permute(0, 3, 1, 2, 4, 5), th, m)  # (padded rows, 6, N, tw, C)
+    cols = _overlap_add(rows.permute(1, 3, 0, 2, 4), tw, m)  # (padded cols, rows, N, C)
+    pad = (A - m) // 2
+    return cols[pad : w + pad, pad : h + pad].permute(2, 3, 1, 0)
 
 
 def _fold_filter_grad(total: Tensor | None, u: Tensor, dm: Tensor) -> Tensor:
@@ -227,54 +246,57 @@ def _filter_grad(tape: StepTape, v: Tensor) -> tuple[Tensor | None]:
 
 class _WinogradConv(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, v: Tensor, tape: StepTape | None) -> Tensor:
-        u = _input_tiles(x)
+    def forward(ctx, x: Tensor, v: Tensor, tape: StepTape | None, m: int) -> Tensor:
+        u = _input_tiles(x, m)
         ctx.save_for_backward(u, v)
-        ctx.shape = tuple(x.shape)
+        ctx.shape, ctx.m = tuple(x.shape), m
         ctx.tape = tape
         ctx.head = v.grad_fn if tape is not None else None
-        return _output_from(torch.bmm(u, v), x.shape[0], x.shape[2], x.shape[3])
+        return _output_from(torch.bmm(u, v), x.shape[0], x.shape[2], x.shape[3], m)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         refuse_second_order(grad, "winograd")
         u, v = ctx.saved_tensors
-        dm = _grad_tiles(grad)
+        dm = _grad_tiles(grad, ctx.m)
         dx = dv = None
         if ctx.needs_input_grad[0]:
-            dx = _input_grad(torch.bmm(dm, v.transpose(1, 2)), ctx.shape)
+            dx = _input_grad(torch.bmm(dm, v.transpose(1, 2)), ctx.shape, ctx.m)
         if ctx.tape is not None:
             ctx.tape.keep(ctx.head, u, dm)  # folded into the filter gradient
         elif ctx.needs_input_grad[1]:
             dv = torch.bmm(u.transpose(1, 2), dm)
-        return dx, dv, None
+        return dx, dv, None, None
 
 
-def _check(x: Tensor, v: Tensor) -> None:
+def _check(x: Tensor, v: Tensor, kernel_size: int) -> None:
+    if kernel_size not in KERNEL_SIZES:
+        raise ValueError(f"winograd_conv takes 3x3 or 5x5 filters, not {kernel_size}x{kernel_size}")
     if x.dim() != 4 or v.dim() != 3 or v.shape[0] != A * A or x.shape[1] != v.shape[1]:
         raise ValueError(
-            f"winograd_conv3x3 takes x (N, C_in, H, W) and v (36, C_in, C_out), got "
+            f"winograd_conv takes x (N, C_in, H, W) and v (36, C_in, C_out), got "
             f"{tuple(x.shape)} and {tuple(v.shape)}"
         )
 
 
-def winograd_conv3x3(x: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.conv2d(x, weight, bias, padding=1) for v = transform_weight(weight); x (N, C_in, H,
-    W) of v's dtype; returns (N, C_out, H, W) in channels-last memory format."""
-    _check(x, v)
-    y = _WinogradConv.apply(x, v, None)
+def winograd_conv(x: Tensor, v: Tensor, kernel_size: int, bias: Tensor | None = None) -> Tensor:
+    """F.conv2d(x, weight, bias, padding=kernel_size // 2) for v = transform_weight(weight),
+    weight (C_out, C_in, kernel_size, kernel_size), kernel_size 3 or 5 (v's shape does not
+    say which); x (N, C_in, H, W) of v's dtype; returns (N, C_out, H, W), channels-last."""
+    _check(x, v, kernel_size)
+    y = _WinogradConv.apply(x, v, None, _OUTPUT_TILE[kernel_size])
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
 class WinogradSequence:
-    """x -> F.conv2d(x, weight, bias, padding=1) for the steps of one sequence. The filter is
-    transformed once (in the weight's dtype; inputs are cast to it; meant for float32 and
-    float64, not autocast). With batch_grad, while grad is enabled, each step's filter
-    gradient is added in place into one total as backward meets the step, and the total is
-    handed to autograd once, when backward reaches the filter: no per-step gradient tensor
-    and no sum of them. (Stacking all the steps' tiles for one product instead measured
-    slower: the concatenation costs more than the product saves.)"""
+    """x -> F.conv2d(x, weight, bias, padding=r // 2) for the steps of one sequence, r x r
+    filters with r 3 or 5. The filter is transformed once (in the weight's dtype; inputs are
+    cast to it; meant for float32 and float64, not autocast). With batch_grad, while grad is
+    enabled, each step's filter gradient is added in place into one total as backward meets
+    the step, and the total is handed to autograd once, when backward reaches the filter: no
+    per-step gradient tensor and no sum of them. (Stacking all the steps' tiles for one
+    product instead measured slower: the concatenation costs more than the product saves.)"""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, batch_grad: bool = True) -> None:
         v = transform_weight(weight)
@@ -282,10 +304,10 @@ class WinogradSequence:
         if batch_grad and torch.is_grad_enabled() and v.requires_grad:
             self.tape = StepTape(_filter_grad, fold=_fold_filter_grad)
             (v,) = share(self.tape, v)
-        self.v, self.bias = v, bias
+        self.v, self.bias, self.kernel_size = v, bias, weight.shape[-1]
 
     def __call__(self, x: Tensor) -> Tensor:
         x = x.to(self.v.dtype)
-        _check(x, self.v)
-        y = _WinogradConv.apply(x, self.v, self.tape)
+        _check(x, self.v, self.kernel_size)
+        y = _WinogradConv.apply(x, self.v, self.tape, _OUTPUT_TILE[self.kernel_size])
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)

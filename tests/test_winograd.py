@@ -1,6 +1,7 @@
-"""Winograd F(4x4, 3x3) convolutions (convlstm.winograd): equal to F.conv2d in float64, close
-in float32, and what the CPU fast path runs for 3x3 ConvLSTM gates. The tile transforms run
-as C kernels (convlstm/tiles.c) where a compiler is found, else in PyTorch: both are tested."""
+"""Winograd F(4x4, 3x3) and F(2x2, 5x5) convolutions (convlstm.winograd): equal to F.conv2d in
+float64, close in float32, and what the CPU fast path runs for 3x3 and 5x5 ConvLSTM gates. The
+tile transforms run as C kernels (convlstm/tiles.c) where a compiler is found, else in
+PyTorch: both are tested."""
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from convlstm.config import ModelConfig
 from convlstm.errors import ConfigError
 from convlstm.models import build_model
 from convlstm.speed import SpeedOptions, apply_speed
-from convlstm.winograd import WinogradSequence, _matrices, transform_weight, winograd_conv3x3
+from convlstm.winograd import WinogradSequence, _matrices, transform_weight, winograd_conv
 from tests.test_speed import CONVLSTM_CASES, _pair, assert_fast_equals_eager, convlstm_config
 
 
@@ -37,19 +38,20 @@ TRANSFORM_SHAPES = [(2, 3, 8, 8), (3, 5, 7, 10), (1, 4, 1, 2), (2, 17, 5, 5), (0
 
 @pytest.mark.parametrize("shape", TRANSFORM_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_c_tile_transforms_equal_the_pytorch_ones(shape, dtype, monkeypatch):
+@pytest.mark.parametrize("tile", [4, 2], ids=["3x3", "5x5"])
+def test_c_tile_transforms_equal_the_pytorch_ones(shape, dtype, tile, monkeypatch):
     _c_kernels_or_skip()
     n, c, h, w = shape
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(n, c, h, w, dtype=dtype)  # contiguous NCHW: the kernel needs a copy
-    th, tw = winograd._tiles(shape)
+    th, tw = winograd._tiles(shape, tile)
     m = torch.randn(n * th * tw, 36, c, dtype=dtype).transpose(0, 1)  # not contiguous
     calls = [
-        ("_input_tiles", (x,)),
-        ("_output_from", (m, n, h, w)),
-        ("_grad_tiles", (grad,)),
-        ("_input_grad", (m, shape)),
+        ("_input_tiles", (x, tile)),
+        ("_output_from", (m, n, h, w, tile)),
+        ("_grad_tiles", (grad, tile)),
+        ("_input_grad", (m, shape, tile)),
     ]
     got = {name: getattr(winograd, name)(*args) for name, args in calls}
     monkeypatch.setattr(winograd, "_kernel", lambda name, t: None)
@@ -70,7 +72,15 @@ def test_c_kernels_run_only_on_cpu_float32_and_float64():
 def test_a_kernel_that_cannot_allocate_raises():
     x = torch.zeros(1, 1, 4, 4)
     with pytest.raises(MemoryError, match="could not allocate"):
-        winograd._run(lambda *args: 1, x, x, 1, 4, 4, 1)
+        winograd._run(lambda *args: 1, x, x, 1, 4, 4, 1, 4)
+
+
+def test_the_c_kernels_refuse_a_tile_size_they_do_not_have():
+    _c_kernels_or_skip()
+    x = torch.zeros(1, 4, 4, 1)
+    for tile in (1, 3, 6):
+        with pytest.raises(ValueError, match=f"output tiles of 2 or 4, not {tile}"):
+            winograd._run(winograd._kernel("output_from", x), x, x, 1, 4, 4, 1, tile)
 
 
 @pytest.mark.parametrize(
@@ -78,15 +88,18 @@ def test_a_kernel_that_cannot_allocate_raises():
     [(2, 3, 5, 8, 8), (1, 4, 2, 7, 9), (3, 2, 3, 5, 4), (1, 1, 1, 1, 1), (2, 6, 4, 12, 16)],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_equals_the_direct_convolution_in_float64(n, c_in, c_out, h, w, channels_last, transforms):
+@pytest.mark.parametrize("k", [3, 5])
+def test_equals_the_direct_convolution_in_float64(
+    n, c_in, c_out, h, w, channels_last, k, transforms
+):
     torch.manual_seed(0)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(n, c_in, h, w, dtype=torch.float64).contiguous(memory_format=layout)
     x.requires_grad_()
-    weight = torch.randn(c_out, c_in, 3, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c_out, c_in, k, k, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(c_out, dtype=torch.float64, requires_grad=True)
-    expected = F.conv2d(x, weight, bias, padding=1)
-    got = winograd_conv3x3(x, transform_weight(weight), bias)
+    expected = F.conv2d(x, weight, bias, padding=k // 2)
+    got = winograd_conv(x, transform_weight(weight), k, bias)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     upstream = torch.randn_like(expected)
     grads = torch.autograd.grad(got, (x, weight, bias), upstream)
@@ -95,25 +108,27 @@ def test_equals_the_direct_convolution_in_float64(n, c_in, c_out, h, w, channels
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
-def test_hand_written_backward_passes_gradcheck(transforms):
+@pytest.mark.parametrize("k", [3, 5])
+def test_hand_written_backward_passes_gradcheck(k, transforms):
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, k, k, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, w: winograd_conv3x3(x, transform_weight(w)), (x, weight)
+        lambda x, w: winograd_conv(x, transform_weight(w), k), (x, weight)
     )
 
 
-def test_float32_error_stays_near_the_direct_convolutions(transforms):
+@pytest.mark.parametrize("k, grid", [(3, 8), (5, 16)])
+def test_float32_error_stays_near_the_direct_convolutions(k, grid, transforms):
     """About one decimal digit more rounding than the direct convolution, no worse."""
     torch.manual_seed(0)
-    x = torch.randn(16, 128, 8, 8, dtype=torch.float64)
-    weight = torch.randn(256, 128, 3, 3, dtype=torch.float64) / 30
-    exact = F.conv2d(x, weight, padding=1)
-    got = winograd_conv3x3(x.float(), transform_weight(weight.float())).double()
-    direct = F.conv2d(x.float(), weight.float(), padding=1).double()
+    x = torch.randn(16, 128, grid, grid, dtype=torch.float64)
+    weight = torch.randn(256, 128, k, k, dtype=torch.float64) / (10 * k)
+    exact = F.conv2d(x, weight, padding=k // 2)
+    got = winograd_conv(x.float(), transform_weight(weight.float()), k).double()
+    direct = F.conv2d(x.float(), weight.float(), padding=k // 2).double()
     scale = exact.abs().max()
-    assert (got - exact).abs().max() / scale < 2e-5
-    assert (direct - exact).abs().max() / scale < 2e-6
+    error, direct_error = ((y - exact).abs().max() / scale for y in (got, direct))
+    assert error < 2e-5 and error < 10 * direct_error
 
 
 def _steps(conv, x0, extra):
@@ -125,8 +140,9 @@ def _steps(conv, x0, extra):
 
 
 @pytest.mark.parametrize("batch_grad", [True, False])
+@pytest.mark.parametrize("k", [3, 5])
 def test_sequence_equals_per_step_convolutions_and_folds_the_filter_gradient(
-    batch_grad, monkeypatch
+    batch_grad, k, monkeypatch
 ):
     folds = []
 
@@ -137,12 +153,12 @@ def test_sequence_equals_per_step_convolutions_and_folds_the_filter_gradient(
     fold = winograd._fold_filter_grad
     monkeypatch.setattr(winograd, "_fold_filter_grad", counted)
     torch.manual_seed(0)
-    weight = torch.randn(3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 3, k, k, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
     x0 = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
     extra = torch.randn(4, 2, 3, 6, 5, dtype=torch.float64)
     params = (x0, weight, bias)
-    loss = _steps(lambda h: F.conv2d(h, weight, bias, padding=1), x0, extra)
+    loss = _steps(lambda h: F.conv2d(h, weight, bias, padding=k // 2), x0, extra)
     expected = torch.autograd.grad(loss, params)
     sequence = WinogradSequence(weight, bias, batch_grad=batch_grad)
     assert (sequence.tape is not None) == batch_grad
@@ -181,11 +197,14 @@ def test_sequence_without_grad_keeps_no_tape():
 
 
 def test_bad_shapes_are_refused():
-    with pytest.raises(ValueError, match=r"\(C_out, C_in, 3, 3\)"):
-        transform_weight(torch.zeros(4, 3, 5, 5))
+    for shape in [(4, 3, 7, 7), (4, 3, 3, 5), (4, 3, 3)]:
+        with pytest.raises(ValueError, match=r"\(C_out, C_in, r, r\) with r 3 or 5"):
+            transform_weight(torch.zeros(shape))
     v = transform_weight(torch.zeros(4, 3, 3, 3))
     with pytest.raises(ValueError, match="x .* and v"):
-        winograd_conv3x3(torch.zeros(1, 2, 8, 8), v)
+        winograd_conv(torch.zeros(1, 2, 8, 8), v, 3)
+    with pytest.raises(ValueError, match="3x3 or 5x5 filters, not 7x7"):
+        winograd_conv(torch.zeros(1, 3, 8, 8), v, 7)
     with pytest.raises(ValueError, match="x .* and v"):
         WinogradSequence(torch.zeros(4, 3, 3, 3), None)(torch.zeros(1, 2, 8, 8))
 
@@ -201,9 +220,10 @@ class ConvolutionCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("kernel_size, direct", [(3, {1}), (5, {1, 5})])
-def test_the_cpu_fast_path_runs_3x3_gates_by_winograd(kernel_size, direct):
-    """Only the 1x1 output convolution stays direct with 3x3 gates; 5x5 gates stay direct."""
+@pytest.mark.parametrize("kernel_size, direct", [(3, {1}), (5, {1}), (7, {1, 7})])
+def test_the_cpu_fast_path_runs_3x3_and_5x5_gates_by_winograd(kernel_size, direct):
+    """Only the 1x1 output convolution stays direct with 3x3 and 5x5 gates; 7x7 gates stay
+    direct."""
     options = SpeedOptions.for_path("fast", torch.device("cpu"))
     assert options.winograd and not SpeedOptions.for_path("fast", torch.device("cuda")).winograd
     config = ModelConfig(hidden_channels=(6, 5), kernel_size=kernel_size, patch_size=2)
@@ -219,8 +239,16 @@ def test_model_with_winograd_equals_eager_in_float64(overrides, hoist):
     assert_fast_equals_eager(convlstm_config(overrides), options, rtol=1e-11, grad_rtol=1e-9)
 
 
-def test_model_with_winograd_on_a_grid_not_a_multiple_of_the_tile(transforms):
-    config = ModelConfig(hidden_channels=(5,), kernel_size=3, patch_size=2)  # 5x7 grid
+@pytest.mark.parametrize("hoist", [True, False])
+def test_model_with_5x5_winograd_equals_eager_in_float64(hoist):
+    config = convlstm_config(dict(kernel_size=5))
+    options = SpeedOptions(hoist=hoist, winograd=True)
+    assert_fast_equals_eager(config, options, rtol=1e-11, grad_rtol=1e-9)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_model_with_winograd_on_a_grid_not_a_multiple_of_the_tile(k, transforms):
+    config = ModelConfig(hidden_channels=(5,), kernel_size=k, patch_size=2)  # 5x7 grid
     eager, fast = _pair(config, SpeedOptions(hoist=True, winograd=True))
     frames = torch.rand(2, 6, 1, 10, 14, dtype=torch.float64)
     outs = []
@@ -262,9 +290,9 @@ def test_the_model_makes_the_filter_gradient_once_per_sequence_unless_checkpoint
 def test_matrices_made_in_inference_mode_still_serve_training():
     _matrices.cache_clear()
     with torch.inference_mode():
-        winograd_conv3x3(torch.rand(1, 2, 4, 4), transform_weight(torch.rand(3, 2, 3, 3)))
+        winograd_conv(torch.rand(1, 2, 4, 4), transform_weight(torch.rand(3, 2, 3, 3)), 3)
     weight = torch.rand(3, 2, 3, 3, requires_grad=True)
-    winograd_conv3x3(torch.rand(1, 2, 4, 4), transform_weight(weight)).sum().backward()
+    winograd_conv(torch.rand(1, 2, 4, 4), transform_weight(weight), 3).sum().backward()
     assert weight.grad is not None
 
 

@@ -55,7 +55,7 @@ class ConvLSTMCell(RecurrentCell):
     state_size = 2
     fused_update = None  # set by convlstm.speed: convlstm.gates' update for the plain cell
     batched_wgrad = False  # set by convlstm.speed: the gate weights' gradient batched over time
-    winograd = False  # set by convlstm.speed: 3x3 gate convolutions by Winograd's F(4x4, 3x3)
+    winograd = False  # set by convlstm.speed: 3x3 / 5x5 gate convolutions by Winograd
     sequence_conv = None  # the gate convolution while a sequence is open (sequence_scope)
 
     def __init__(
