@@ -19,7 +19,10 @@
      B^T (6x6): the input tile's           A^T (m x 6): the products' back to outputs
      B (6x6):   B^T's transpose            A (6 x m):   A^T's transpose
    Each one combines its input vectors (pointers, so that rows outside the image can point
-   at a zero vector and outputs outside it at a scratch sink) over the channel range. */
+   at a zero vector and outputs outside it at a scratch sink) over the channel range. The
+   output vectors of one call never overlap each other or the inputs, which GCC is told
+   with "ivdep" (it does not trust the restrict-qualified locals): without it, GCC vectorised
+   a third of the loops, and the transforms took 2-2.5x as long. */
 
 #include <stdlib.h>
 #include <string.h>
@@ -38,7 +41,7 @@ static inline void bt_##S(T *const *o, const T *const *in, long c) {            
     const T *restrict i3 = in[3], *restrict i4 = in[4], *restrict i5 = in[5];                  \
     T *restrict o0 = o[0], *restrict o1 = o[1], *restrict o2 = o[2];                           \
     T *restrict o3 = o[3], *restrict o4 = o[4], *restrict o5 = o[5];                           \
-    for (long k = 0; k < c; k++) {                                                             \
+    _Pragma("GCC ivdep") for (long k = 0; k < c; k++) {                                        \
         T d0 = i0[k], d1 = i1[k], d2 = i2[k], d3 = i3[k], d4 = i4[k], d5 = i5[k];              \
         T r0 = 4 * d0 - 5 * d2 + d4, r1 = d3 + d4 - 4 * (d1 + d2);                             \
         T r2 = 4 * (d1 - d2) + d4 - d3, r3 = 2 * (d3 - d1) + d4 - d2;                          \
@@ -52,7 +55,7 @@ static inline void b_##S(T *const *o, const T *const *in, long c, int add) {    
     const T *restrict i3 = in[3], *restrict i4 = in[4], *restrict i5 = in[5];                  \
     T *restrict o0 = o[0], *restrict o1 = o[1], *restrict o2 = o[2];                           \
     T *restrict o3 = o[3], *restrict o4 = o[4], *restrict o5 = o[5];                           \
-    for (long k = 0; k < c; k++) {                                                             \
+    _Pragma("GCC ivdep") for (long k = 0; k < c; k++) {                                        \
         T u0 = i0[k], u1 = i1[k], u2 = i2[k], u3 = i3[k], u4 = i4[k], u5 = i5[k];              \
         T r0 = 4 * u0, r1 = 4 * (u2 - u1) + 2 * (u4 - u3) + 4 * u5;                            \
         T r2 = -5 * u0 - 4 * (u1 + u2) - u3 - u4, r3 = u1 - u2 + 2 * (u3 - u4) - 5 * u5;       \
@@ -69,7 +72,7 @@ static inline void at4_##S(T *const *o, const T *const *in, long c) {           
     const T *restrict i0 = in[0], *restrict i1 = in[1], *restrict i2 = in[2];                  \
     const T *restrict i3 = in[3], *restrict i4 = in[4], *restrict i5 = in[5];                  \
     T *restrict o0 = o[0], *restrict o1 = o[1], *restrict o2 = o[2], *restrict o3 = o[3];      \
-    for (long k = 0; k < c; k++) {                                                             \
+    _Pragma("GCC ivdep") for (long k = 0; k < c; k++) {                                        \
         T s = i1[k] + i2[k], d = i1[k] - i2[k], s2 = i3[k] + i4[k], d2 = i3[k] - i4[k];        \
         o0[k] = i0[k] + s + s2; o1[k] = d + 2 * d2; o2[k] = s + 4 * s2;                        \
         o3[k] = d + 8 * d2 + i5[k];                                                            \
@@ -81,7 +84,7 @@ static inline void a4_##S(T *const *o, const T *const *in, long c) {            
     const T *restrict i3 = in[3];                                                              \
     T *restrict o0 = o[0], *restrict o1 = o[1], *restrict o2 = o[2];                           \
     T *restrict o3 = o[3], *restrict o4 = o[4], *restrict o5 = o[5];                           \
-    for (long k = 0; k < c; k++) {                                                             \
+    _Pragma("GCC ivdep") for (long k = 0; k < c; k++) {                                        \
         T g0 = i0[k], g1 = i1[k], g2 = i2[k], g3 = i3[k];                                      \
         T s = g0 + g2, d = g1 + g3, s4 = g0 + 4 * g2, d2 = 2 * g1 + 8 * g3;                    \
         o0[k] = g0; o1[k] = s + d; o2[k] = s - d; o3[k] = s4 + d2; o4[k] = s4 - d2; o5[k] = g3; \
@@ -93,7 +96,7 @@ static inline void at2_##S(T *const *o, const T *const *in, long c) {           
     const T *restrict i0 = in[0], *restrict i1 = in[1], *restrict i2 = in[2];                  \
     const T *restrict i3 = in[3], *restrict i4 = in[4], *restrict i5 = in[5];                  \
     T *restrict o0 = o[0], *restrict o1 = o[1];                                                \
-    for (long k = 0; k < c; k++) {                                                             \
+    _Pragma("GCC ivdep") for (long k = 0; k < c; k++) {                                        \
         o0[k] = i0[k] + i1[k] + i2[k] + i3[k] + i4[k];                                         \
         o1[k] = i1[k] - i2[k] + 2 * (i3[k] - i4[k]) + i5[k];                                   \
     }                                                                                          \
@@ -103,7 +106,7 @@ static inline void a2_##S(T *const *o, const T *const *in, long c) {            
     const T *restrict i0 = in[0], *restrict i1 = in[1];                                        \
     T *restrict o0 = o[0], *restrict o1 = o[1], *restrict o2 = o[2];                           \
     T *restrict o3 = o[3], *restrict o4 = o[4], *restrict o5 = o[5];                           \
-    for (long k = 0; k < c; k++) {                                                             \
+    _Pragma("GCC ivdep") for (long k = 0; k < c; k++) {                                        \
         T g0 = i0[k], g1 = i1[k];                                                              \
         o0[k] = g0; o1[k] = g0 + g1; o2[k] = g0 - g1; o3[k] = g0 + 2 * g1;                     \
         o4[k] = g0 - 2 * g1; o5[k] = g1;                                                       \
