@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -481,13 +482,20 @@ def profile_training(
     return prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=70)
 
 
+def _figures(x: float, width: int) -> str:
+    """x right-aligned in `width` with about three significant figures and no exponent:
+    1066, 28.7, 0.523 (a CPU preset such as ConvLSTM-S trains at under 1 sequence/s)."""
+    decimals = 0 if x <= 0 else min(3, max(0, 2 - math.floor(math.log10(x))))
+    return f"{x:{width}.{decimals}f}"
+
+
 def _train_line(e: dict[str, Any]) -> str:
     head = f"{e['variant']:<24} {e['precision']:<5} {e['batch']:>5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
     peak = f"{e['peak_memory_gib']:8.2f}" if e["peak_memory_gib"] is not None else "       -"
     return (
-        f"{head} {e['train_seq_per_s']:10.1f} {e['tflops']:8.1f} "
+        f"{head} {_figures(e['train_seq_per_s'], 10)} {_figures(e['tflops'], 8)} "
         f"{100 * e['share_of_ceiling']:7.1f}% {peak} {e['warmup_s']:8.1f}"
     )
 
@@ -496,7 +504,7 @@ def _infer_line(e: dict[str, Any]) -> str:
     head = f"{e['variant']:<24} {e['precision']:<5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
-    return f"{head} {e['stream_step_ms']:12.3f} {e['forecast_seq_per_s']:14.1f}"
+    return f"{head} {e['stream_step_ms']:12.3f} {_figures(e['forecast_seq_per_s'], 14)}"
 
 
 def _print_table(report: dict[str, Any]) -> None:

@@ -477,6 +477,18 @@ def test_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path, mnist_dir, cap
     assert "fast / eager-fp32 at batch 2" in table and "Moving MNIST generator" in table
 
 
+def test_benchmark_table_keeps_three_figures_for_slow_and_fast_rates():
+    """A CPU run of ConvLSTM-S trains at about 0.5 sequences/s: one decimal would print 0.5
+    for anything from 0.45 to 0.55."""
+    assert [benchmark._figures(x, 8) for x in (1066.4, 28.74, 0.5234, 0.0123, 0.0)] == [
+        "    1066",
+        "    28.7",
+        "   0.523",
+        "   0.012",
+        "       0",
+    ]
+
+
 class SteppedClock:
     """time.perf_counter that moves only when a fake training step runs."""
 
