@@ -68,7 +68,7 @@ static inline void b_##S(T *const *o, const T *const *in, long c, int add) {    
     }                                                                                          \
 }                                                                                              \
                                                                                                \
-static inline void at4_##S(T *const *o, const T *const *in, long c) {                           \
+static inline void at4_##S(T *const *o, const T *const *in, long c) {                          \
     const T *restrict i0 = in[0], *restrict i1 = in[1], *restrict i2 = in[2];                  \
     const T *restrict i3 = in[3], *restrict i4 = in[4], *restrict i5 = in[5];                  \
     T *restrict o0 = o[0], *restrict o1 = o[1], *restrict o2 = o[2], *restrict o3 = o[3];      \
@@ -79,7 +79,7 @@ static inline void at4_##S(T *const *o, const T *const *in, long c) {           
     }                                                                                          \
 }                                                                                              \
                                                                                                \
-static inline void a4_##S(T *const *o, const T *const *in, long c) {                            \
+static inline void a4_##S(T *const *o, const T *const *in, long c) {                           \
     const T *restrict i0 = in[0], *restrict i1 = in[1], *restrict i2 = in[2];                  \
     const T *restrict i3 = in[3];                                                              \
     T *restrict o0 = o[0], *restrict o1 = o[1], *restrict o2 = o[2];                           \
@@ -87,7 +87,7 @@ static inline void a4_##S(T *const *o, const T *const *in, long c) {            
     _Pragma("GCC ivdep") for (long k = 0; k < c; k++) {                                        \
         T g0 = i0[k], g1 = i1[k], g2 = i2[k], g3 = i3[k];                                      \
         T s = g0 + g2, d = g1 + g3, s4 = g0 + 4 * g2, d2 = 2 * g1 + 8 * g3;                    \
-        o0[k] = g0; o1[k] = s + d; o2[k] = s - d; o3[k] = s4 + d2; o4[k] = s4 - d2; o5[k] = g3; \
+        o0[k] = g0; o1[k] = s + d; o2[k] = s - d; o3[k] = s4 + d2; o4[k] = s4 - d2; o5[k] = g3;\
     }                                                                                          \
 }                                                                                              \
                                                                                                \
