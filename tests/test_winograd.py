@@ -3,6 +3,9 @@ float64, close in float32, and what the CPU fast path runs for 3x3 and 5x5 ConvL
 tile transforms run as C kernels (convlstm/tiles.c) where a compiler is found, else in
 PyTorch: both are tested."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -306,3 +309,85 @@ def test_second_order_gradients_are_refused():
 def test_winograd_and_batched_weight_gradients_are_refused_together():
     with pytest.raises(ConfigError, match="batched_wgrad and winograd"):
         SpeedOptions(batched_wgrad=True, winograd=True)
+
+
+def _changes(layer: torch.nn.Conv2d):
+    """Ways a model's weights change in place: each must be seen by kept_transform."""
+
+    def optimizer_step():
+        layer.weight.grad = torch.ones_like(layer.weight)
+        torch.optim.SGD([layer.weight], lr=0.1).step()
+
+    def load_state_dict():
+        new = {"weight": torch.randn_like(layer.weight), "bias": torch.zeros_like(layer.bias)}
+        layer.load_state_dict(new)
+
+    def in_place_without_grad():
+        with torch.no_grad():
+            layer.weight.mul_(2)
+
+    return [
+        optimizer_step,
+        load_state_dict,
+        in_place_without_grad,
+        lambda: torch.nn.init.normal_(layer.weight),
+        lambda: layer.double(),  # new storage and dtype for the same Parameter
+    ]
+
+
+def test_the_kept_transform_is_made_once_and_again_after_each_change():
+    layer = torch.nn.Conv2d(4, 8, 5)
+    kept = winograd.kept_transform(layer.weight)
+    assert winograd.kept_transform(layer.weight) is kept and not kept.requires_grad
+    torch.testing.assert_close(kept, transform_weight(layer.weight).detach())
+    for change in _changes(layer):
+        change()
+        new = winograd.kept_transform(layer.weight)
+        assert new is not kept
+        torch.testing.assert_close(new, transform_weight(layer.weight).detach())
+        kept = new
+
+
+def test_the_kept_transform_does_not_keep_its_weight_alive():
+    weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+    winograd.kept_transform(weight)
+    gone = weakref.ref(weight)
+    del weight
+    gc.collect()
+    assert gone() is None
+
+
+def test_stepping_without_grad_transforms_once_and_follows_new_weights(monkeypatch):
+    """model.step one frame at a time (streaming) runs Winograd from one kept transform per
+    cell, equal to eager, and a state dict loaded in place between steps is used at once."""
+    made = []
+    transform = winograd.transform_weight
+    monkeypatch.setattr(winograd, "transform_weight", lambda w: made.append(w) or transform(w))
+    config = ModelConfig(hidden_channels=(6, 5), kernel_size=5, patch_size=2)
+    eager, fast = _pair(config, SpeedOptions(hoist=True, winograd=True))
+    frames = torch.rand(4, 2, 1, 8, 8, dtype=torch.float64)
+    torch.manual_seed(1)
+    new_weights = build_model(config).double().state_dict()
+    with torch.no_grad():
+        state_e = state_f = None
+        for k, frame in enumerate(frames):
+            if k == 2:
+                eager.load_state_dict(new_weights)
+                fast.load_state_dict(new_weights)
+            state_e, state_f = eager.step(frame, state_e), fast.step(frame, state_f)
+            torch.testing.assert_close(
+                state_f.prediction, state_e.prediction, rtol=1e-11, atol=1e-12
+            )
+    assert len(made) == 4  # two cells, before and after the new weights
+
+
+def test_stepping_with_grad_trains_the_weights():
+    config = ModelConfig(hidden_channels=(6,), kernel_size=3, patch_size=2)
+    eager, fast = _pair(config, SpeedOptions(hoist=True, winograd=True))
+    frame = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    for model in (eager, fast):
+        with torch.no_grad():
+            model.step(frame, None)  # a kept transform exists, and must not be used below
+        model.step(frame, model.step(frame, None)).prediction.square().sum().backward()
+    for p_e, p_f in zip(eager.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(p_f.grad, p_e.grad, rtol=1e-9, atol=1e-12)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convlstm import winograd
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, gate_bias, with_input
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.wgrad import WeightGradBatch
@@ -98,8 +99,10 @@ class ConvLSTMCell(RecurrentCell):
         state = self.prepare_state(x, state)
         # the open sequence's convolution, passed in, so that a checkpointed step recomputed
         # in backward (after the sequence closed) runs the same one
-        conv = self.conv if self.sequence_conv is None else self.sequence_conv
-        state = self.run_step(self.step, x, state, conv)
+        conv = self.sequence_conv
+        if conv is None and self._winograd_now() and not torch.is_grad_enabled():
+            conv = self._kept_winograd()  # inference one step at a time
+        state = self.run_step(self.step, x, state, self.conv if conv is None else conv)
         return state[0], state
 
     def step(
@@ -114,6 +117,13 @@ class ConvLSTMCell(RecurrentCell):
         if self._winograd_now() or (self.batched_wgrad and torch.is_grad_enabled()):
             return self._sequence_conv(self.conv.weight, self.conv.bias, batch=True)
         return None
+
+    def _kept_winograd(self) -> Conv:
+        """Without autograd and outside a sequence (a model run one step at a time), the
+        Winograd convolution from a transform of the gate weights kept while they are
+        unchanged (winograd.kept_transform), not one made at every step."""
+        weight = self.conv.weight
+        return WinogradSequence(weight, self.conv.bias, transformed=winograd.kept_transform(weight))
 
     def _winograd_now(self) -> bool:
         # Winograd's transforms lose too much in bf16 / fp16: under autocast the convolutions
