@@ -1,22 +1,23 @@
-"""3x3 and 5x5 convolutions by Winograd's minimal filtering F(4x4, 3x3) and F(2x2, 5x5).
+"""3x3 and 5x5 convolutions by Winograd's minimal filtering F(4x4, 3x3) and F(4x4, 5x5).
 
 A direct 3x3 convolution spends 9 multiply-adds per output pixel and channel pair, a 5x5 one
-25. Winograd's algorithm cuts the (zero-padded) input into overlapping 6x6 tiles (stride 4
-for 3x3 filters, 2 for 5x5), maps each tile and each filter into a 6x6 "Winograd domain",
-multiplies there elementwise, and maps the products back to output tiles (4x4 or 2x2; Lavin
+25. Winograd's algorithm cuts the (zero-padded) input into overlapping a x a tiles at stride
+4 (a = 6 for 3x3 filters, 8 for 5x5), maps each tile and each filter into an a x a "Winograd
+domain", multiplies there elementwise, and maps the products back to 4x4 output tiles (Lavin
 and Gray, 2016): 36 products per 16 outputs (2.25 per output, against 9) for 3x3 filters,
-36 per 4 (9 per output, against 25) for 5x5. Both use the interpolation points 0, 1, -1, 2,
--2 and infinity, so they share the input transform. Summed over input channels, the
-elementwise products are 36 independent matrix products, one per tile position: (tiles,
-C_in) @ (C_in, C_out). On a CPU, where a training step is bound by the convolutions'
-arithmetic, that is the only way to be much faster than the direct convolution; the
-transforms are small matrix products of their own.
+64 per 16 (4 per output, against 25) for 5x5. Summed over input channels, the elementwise
+products are a * a independent matrix products, one per tile position: (tiles, C_in) @
+(C_in, C_out). On a CPU, where a training step is bound by the convolutions' arithmetic,
+that is the only way to be much faster than the direct convolution; the transforms are
+small matrix products of their own. (F(2x2, 5x5), with 6x6 tiles, needs 9 products per
+output: ConvLSTM-S trained at 1.85x eager with it, at 2.6x with F(4x4, 5x5), on a 2-core
+CPU at batch 2.)
 
 The result equals the direct convolution in exact arithmetic (float64 agrees to about 1e-13);
-in float32 the transforms cost about one more decimal digit (relative error about 1e-5
-instead of 1e-6). The backward pass is written by hand in the same domain: the input
-gradient by the transposed transforms, the filter gradient in the Winograd domain (mapped
-back to the filter by autograd through `transform_weight`).
+in float32 the transforms cost about one more decimal digit (relative error about 5e-6
+instead of 1e-6, for both sizes). The backward pass is written by hand in the same domain:
+the input gradient by the transposed transforms, the filter gradient in the Winograd domain
+(mapped back to the filter by autograd through `transform_weight`).
 
 The four tile transforms (input tiles, products back to outputs, and their transposes for
 the backward) run as C kernels, one pass each (convlstm/tiles.c, compiled on first use by
@@ -25,7 +26,7 @@ products plus the copies that cut out tiles and put them back: about 45% of a 3x
 convolution at batch 16, where the C kernels take about 20%. Without a C compiler, and on
 other devices and dtypes, the PyTorch code below runs instead (tested equal).
 
-    v = transform_weight(weight)        # (36, C_in, C_out), once per sequence
+    v = transform_weight(weight)        # (36, C_in, C_out) for 3x3, once per sequence
     y = winograd_conv(x, v, 3)          # = F.conv2d(x, weight, padding=1), x (N, C_in, H, W)
 """
 
@@ -33,6 +34,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -44,44 +47,58 @@ from torch.utils.weak import WeakIdKeyDictionary
 from convlstm import native
 from convlstm.wgrad import StepTape, refuse_second_order, share
 
-A = 6  # input tile, for both filter sizes
+M = 4  # output tile, for both filter sizes
 KERNEL_SIZES = (3, 5)
-_OUTPUT_TILE = {3: 4, 5: 2}  # filter size r -> output tile m = A - r + 1
+_TILE = {3: 6, 5: 8}  # filter size r -> input tile a = M + r - 1
 
-# Points 0, 1, -1, 2, -2 and infinity (Lavin and Gray, 2016). B^T depends only on the points;
-# G's row for point p is s_p (1, p, .., p^(r-1)) with the scales s_p below (infinity: the
-# filter's last tap); A^T's row i is (p^i for the points), with a 1 at infinity in the last.
-_BT = [
-    [4, 0, -5, 0, 1, 0],
-    [0, -4, -4, 1, 1, 0],
-    [0, 4, -4, -1, 1, 0],
-    [0, -2, -1, 2, 1, 0],
-    [0, 2, -1, -2, 1, 0],
-    [0, 4, 0, -5, 0, 1],
-]
-_POINTS = (0, 1, -1, 2, -2)
-_SCALES = (1 / 4, -1 / 6, -1 / 6, 1 / 24, 1 / 24)
+# Interpolation points (and infinity) for each input tile a (Lavin and Gray, 2016). The
+# matrices follow from the points p (ascending coefficients; P the finite points):
+#   B^T (a x a): row j the polynomial prod over P without p_j of (x - q), padded with a 0;
+#                the last row prod over all of P of (x - q);
+#   G (a x r):   row j (1, p_j, .., p_j^(r-1)) / prod over P without p_j of (p_j - q); the
+#                last row (infinity) the filter's last tap;
+#   A^T (M x a): row i (p^i for P), with a 1 at infinity in the last row.
+_POINTS = {
+    6: (0, 1, -1, 2, -2),
+    8: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2)),
+}
 
 
-def _g_rows(r: int) -> list[list[float]]:
-    rows = [[s * p**j for j in range(r)] for s, p in zip(_SCALES, _POINTS, strict=True)]
-    return rows + [[0] * (r - 1) + [1]]
+def _polynomial(roots) -> list[Fraction]:
+    """Ascending coefficients of the product of (x - q) over roots."""
+    coeffs = [Fraction(1)]
+    for q in roots:
+        shifted = [Fraction(0), *coeffs]
+        coeffs = [s - q * c for s, c in zip(shifted, [*coeffs, Fraction(0)], strict=True)]
+    return coeffs
 
 
-def _at_rows(m: int) -> list[list[int]]:
-    return [[p**i for p in _POINTS] + [int(i == m - 1)] for i in range(m)]
+def _rows(a: int) -> tuple[list[list[Fraction]], ...]:
+    """B^T, G and A^T of F(M x M, r x r) with input tile a = M + r - 1, exactly."""
+    points = [Fraction(p) for p in _POINTS[a]]
+    r = a - M + 1
+    others = [[q for q in points if q != p] for p in points]
+    bt = [[*_polynomial(rest), Fraction(0)] for rest in others] + [_polynomial(points)]
+    g = [
+        [p**k / math.prod(p - q for q in rest) for k in range(r)]
+        for p, rest in zip(points, others, strict=True)
+    ]
+    g.append([Fraction(0)] * (r - 1) + [Fraction(1)])
+    at = [[p**i for p in points] + [Fraction(int(i == M - 1))] for i in range(M)]
+    return bt, g, at
 
 
 @functools.cache
-def _matrices(dtype: torch.dtype, device: torch.device, r: int = 3) -> tuple[Tensor, ...]:
-    """The 1-D transforms of F(m, r): B^T (6, 6), G (6, r), A^T (m, 6) in `dtype` (exact in
-    binary but for G's sixths and twelfths, rounded once)."""
+def _matrices(dtype: torch.dtype, device: torch.device, a: int = 6) -> tuple[Tensor, ...]:
+    """The 1-D transforms for input tile a: B^T (a, a), G (a, r), A^T (M, a) in `dtype`
+    (exact in binary but for G's thirds, fifths and ninths, rounded once)."""
 
     def matrix(rows) -> Tensor:
-        return torch.tensor(rows, dtype=torch.float64).to(dtype=dtype, device=device)
+        values = [[float(x) for x in row] for row in rows]
+        return torch.tensor(values, dtype=torch.float64).to(dtype=dtype, device=device)
 
     with torch.inference_mode(False):  # cached: must stay usable outside inference mode
-        return matrix(_BT), matrix(_g_rows(r)), matrix(_at_rows(_OUTPUT_TILE[r]))
+        return tuple(matrix(rows) for rows in _rows(a))
 
 
 def _both_axes(m: Tensor, t: Tensor) -> Tensor:
@@ -93,8 +110,8 @@ def _both_axes(m: Tensor, t: Tensor) -> Tensor:
 
 
 def transform_weight(weight: Tensor) -> Tensor:
-    """3x3 or 5x5 filters (C_out, C_in, r, r) -> the Winograd domain (36, C_in, C_out);
-    differentiable."""
+    """3x3 or 5x5 filters (C_out, C_in, r, r) -> the Winograd domain (a * a, C_in, C_out),
+    a = 6 or 8; differentiable."""
     if (
         weight.dim() != 4
         or weight.shape[-1] != weight.shape[-2]
@@ -103,9 +120,10 @@ def transform_weight(weight: Tensor) -> Tensor:
         raise ValueError(
             f"transform_weight takes (C_out, C_in, r, r) with r 3 or 5, got {tuple(weight.shape)}"
         )
-    _, g, _ = _matrices(weight.dtype, weight.device, weight.shape[-1])
+    a = _TILE[weight.shape[-1]]
+    _, g, _ = _matrices(weight.dtype, weight.device, a)
     c_out, c_in = weight.shape[:2]
-    return _both_axes(g, weight.permute(2, 3, 1, 0)).reshape(A * A, c_in, c_out)
+    return _both_axes(g, weight.permute(2, 3, 1, 0)).reshape(a * a, c_in, c_out)
 
 
 # weight -> ((storage pointer, version counter, dtype, shape, device), transform_weight(weight))
@@ -118,8 +136,8 @@ def kept_transform(weight: Tensor) -> Tensor:
     time does not transform its filters at every step. Unchanged means the same tensor, the
     same storage and the same version counter, which every in-place change bumps (optimizer
     steps, load_state_dict, copy_, nn.init), but not one made through `weight.data`, which
-    has a version counter of its own. Costs the transformed filters' memory (36 / r^2 of the
-    weight's: 1.44x for 5x5, 4x for 3x3)."""
+    has a version counter of its own. Costs the transformed filters' memory (a^2 / r^2 of
+    the weight's: 4x for 3x3, 2.56x for 5x5)."""
     state = (weight.data_ptr(), weight._version, weight.dtype, weight.shape, weight.device)
     kept = _KEPT.get(weight)
     if kept is not None and kept[0] == state:
@@ -130,9 +148,9 @@ def kept_transform(weight: Tensor) -> Tensor:
     return v
 
 
-def _tiles(shape: tuple[int, ...], m: int) -> tuple[int, int]:
+def _tiles(shape: tuple[int, ...]) -> tuple[int, int]:
     h, w = shape[-2:]
-    return -(-h // m), -(-w // m)
+    return -(-h // M), -(-w // M)
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -157,22 +175,22 @@ def _kernel(name: str, t: Tensor):
     return _c_function(name, _SUFFIX[t.dtype])
 
 
-def _run(fn, src: Tensor, dst: Tensor, n: int, h: int, w: int, c: int, m: int) -> None:
-    status = fn(src.data_ptr(), dst.data_ptr(), n, h, w, c, m)
+def _run(fn, src: Tensor, dst: Tensor, n: int, h: int, w: int, c: int, a: int) -> None:
+    status = fn(src.data_ptr(), dst.data_ptr(), n, h, w, c, a)
     if status == 1:
         raise MemoryError("winograd: the C tile transform could not allocate its scratch")
     if status != 0:
-        raise ValueError(f"winograd: the C tile transforms take output tiles of 2 or 4, not {m}")
+        raise ValueError(f"winograd: the C tile transforms take input tiles of 6 or 8, not {a}")
 
 
-def _in_c(name, src: Tensor, shape, n, h, w, c, m, dense=Tensor.contiguous) -> Tensor | None:
+def _in_c(name, src: Tensor, shape, n, h, w, c, a, dense=Tensor.contiguous) -> Tensor | None:
     """tiles.c's `name` from `src` (made dense by `dense`) into a new tensor of `shape`, or
     None where there is no C kernel for src (the caller's PyTorch code runs then)."""
     fn = _kernel(name, src)
     if fn is None:
         return None
     out = src.new_empty(shape)
-    _run(fn, dense(src), out, n, h, w, c, m)
+    _run(fn, dense(src), out, n, h, w, c, a)
     return out
 
 
@@ -181,77 +199,77 @@ def _nhwc(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _input_tiles(x: Tensor, m: int = 4) -> Tensor:
-    """x (N, C, H, W) -> the Winograd-domain input (36, N*th*tw, C) for output tiles m x m."""
+def _input_tiles(x: Tensor, a: int = 6) -> Tensor:
+    """x (N, C, H, W) -> the Winograd-domain input (a * a, N*th*tw, C) for input tiles a x a."""
     n, c, h, w = x.shape
-    th, tw = _tiles(x.shape, m)
-    u = _in_c("input_tiles", x, (A * A, n * th * tw, c), n, h, w, c, m, dense=_nhwc)
+    th, tw = _tiles(x.shape)
+    u = _in_c("input_tiles", x, (a * a, n * th * tw, c), n, h, w, c, a, dense=_nhwc)
     if u is not None:
         return u
-    pad = (A - m) // 2
-    padded = F.pad(x, (pad, tw * m + pad - w, pad, th * m + pad - h))
+    pad = (a - M) // 2
+    padded = F.pad(x, (pad, tw * M + a - M - pad - w, pad, th * M + a - M - pad - h))
     s = padded.stride()
     tiles = padded.as_strided(
-        (A, A, n, th, tw, c), (s[2], s[3], s[0], m * s[2], m * s[3], s[1])
-    ).reshape(A, A, -1)  # (6, 6, N*th*tw*C), one copy
-    b, _, _ = _matrices(x.dtype, x.device)
-    return _both_axes(b, tiles).view(A * A, n * th * tw, c)
+        (a, a, n, th, tw, c), (s[2], s[3], s[0], M * s[2], M * s[3], s[1])
+    ).reshape(a, a, -1)  # (a, a, N*th*tw*C), one copy
+    b, _, _ = _matrices(x.dtype, x.device, a)
+    return _both_axes(b, tiles).view(a * a, n * th * tw, c)
 
 
-def _output_from(prod: Tensor, n: int, h: int, w: int, m: int = 4) -> Tensor:
-    """Winograd-domain products (36, N*th*tw, C_out) -> y (N, C_out, H, W), channels-last."""
+def _output_from(prod: Tensor, n: int, h: int, w: int, a: int = 6) -> Tensor:
+    """Winograd-domain products (a * a, N*th*tw, C_out) -> y (N, C_out, H, W), channels-last."""
     c_out = prod.shape[-1]
-    y = _in_c("output_from", prod, (n, h, w, c_out), n, h, w, c_out, m)
+    y = _in_c("output_from", prod, (n, h, w, c_out), n, h, w, c_out, a)
     if y is not None:
         return y.permute(0, 3, 1, 2)
-    _, _, at = _matrices(prod.dtype, prod.device, A - m + 1)
-    th, tw = _tiles((h, w), m)
-    y = _both_axes(at, prod.reshape(A, A, -1)).view(m, m, n, th, tw, c_out)
-    y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, th * m, tw * m, c_out)  # NHWC, one copy
+    _, _, at = _matrices(prod.dtype, prod.device, a)
+    th, tw = _tiles((h, w))
+    y = _both_axes(at, prod.reshape(a, a, -1)).view(M, M, n, th, tw, c_out)
+    y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, th * M, tw * M, c_out)  # NHWC, one copy
     return y[:, :h, :w].permute(0, 3, 1, 2)
 
 
-def _grad_tiles(grad: Tensor, m: int = 4) -> Tensor:
-    """dL/dy (N, C_out, H, W) -> dL/d(products) (36, N*th*tw, C_out): the output map's
+def _grad_tiles(grad: Tensor, a: int = 6) -> Tensor:
+    """dL/dy (N, C_out, H, W) -> dL/d(products) (a * a, N*th*tw, C_out): the output map's
     transpose."""
     n, c_out, h, w = grad.shape
-    th, tw = _tiles(grad.shape, m)
-    dm = _in_c("grad_tiles", grad, (A * A, n * th * tw, c_out), n, h, w, c_out, m, dense=_nhwc)
+    th, tw = _tiles(grad.shape)
+    dm = _in_c("grad_tiles", grad, (a * a, n * th * tw, c_out), n, h, w, c_out, a, dense=_nhwc)
     if dm is not None:
         return dm
     g = grad.permute(0, 2, 3, 1)  # NHWC view (a copy below unless channels-last already)
-    if (th * m, tw * m) != (h, w):
-        g = F.pad(g, (0, 0, 0, tw * m - w, 0, th * m - h))
-    g = g.reshape(n, th, m, tw, m, c_out).permute(2, 4, 0, 1, 3, 5).reshape(m, m, -1)
-    _, _, at = _matrices(grad.dtype, grad.device, A - m + 1)
-    return _both_axes(at.t(), g).view(A * A, n * th * tw, c_out)
+    if (th * M, tw * M) != (h, w):
+        g = F.pad(g, (0, 0, 0, tw * M - w, 0, th * M - h))
+    g = g.reshape(n, th, M, tw, M, c_out).permute(2, 4, 0, 1, 3, 5).reshape(M, M, -1)
+    _, _, at = _matrices(grad.dtype, grad.device, a)
+    return _both_axes(at.t(), g).view(a * a, n * th * tw, c_out)
 
 
-def _overlap_add(t: Tensor, tiles: int, m: int) -> Tensor:
-    """t (6, tiles, rest) -> (tiles + k - 1) * m rows (rest): tile i's 6 rows added at rows
-    m i .. m i + 5 (k = ceil(6 / m) chunks of m rows each)."""
-    k = -(-A // m)
-    rows = t.new_zeros(tiles + k - 1, m, *t.shape[2:])
+def _overlap_add(t: Tensor, tiles: int) -> Tensor:
+    """t (a, tiles, rest) -> (tiles + k - 1) * M rows (rest): tile i's a rows added at rows
+    M i .. M i + a - 1 (k = ceil(a / M) chunks of M rows each)."""
+    k = -(-t.shape[0] // M)
+    rows = t.new_zeros(tiles + k - 1, M, *t.shape[2:])
     for j in range(k):
-        chunk = t[j * m : (j + 1) * m]
+        chunk = t[j * M : (j + 1) * M]
         rows[j : j + tiles, : chunk.shape[0]] += chunk.movedim(1, 0)
     return rows.flatten(0, 1)
 
 
-def _input_grad(du: Tensor, shape: tuple[int, ...], m: int = 4) -> Tensor:
-    """dL/d(input tiles) (36, N*th*tw, C) -> dL/dx (N, C, H, W): the input map's transpose,
-    overlapping tiles summed (fold)."""
+def _input_grad(du: Tensor, shape: tuple[int, ...], a: int = 6) -> Tensor:
+    """dL/d(input tiles) (a * a, N*th*tw, C) -> dL/dx (N, C, H, W): the input map's
+    transpose, overlapping tiles summed (fold)."""
     n, c, h, w = shape
-    th, tw = _tiles(shape, m)
-    dx = _in_c("input_grad", du, (n, h, w, c), n, h, w, c, m)
+    th, tw = _tiles(shape)
+    dx = _in_c("input_grad", du, (n, h, w, c), n, h, w, c, a)
     if dx is not None:
         return dx.permute(0, 3, 1, 2)
-    b, _, _ = _matrices(du.dtype, du.device)
-    dt = _both_axes(b.t(), du.reshape(A, A, -1)).view(A, A, n, th, tw, c)
-    # overlap-add of the 6-row tiles at stride m, one axis at a time
-    rows = _overlap_add(dt.permute(0, 3, 1, 2, 4, 5), th, m)  # (padded rows, 6, N, tw, C)
-    cols = _overlap_add(rows.permute(1, 3, 0, 2, 4), tw, m)  # (padded cols, rows, N, C)
-    pad = (A - m) // 2
+    b, _, _ = _matrices(du.dtype, du.device, a)
+    dt = _both_axes(b.t(), du.reshape(a, a, -1)).view(a, a, n, th, tw, c)
+    # overlap-add of the a-row tiles at stride M, one axis at a time
+    rows = _overlap_add(dt.permute(0, 3, 1, 2, 4, 5), th)  # (padded rows, a, N, tw, C)
+    cols = _overlap_add(rows.permute(1, 3, 0, 2, 4), tw)  # (padded cols, rows, N, C)
+    pad = (a - M) // 2
     return cols[pad : w + pad, pad : h + pad].permute(2, 3, 1, 0)
 
 
@@ -269,23 +287,23 @@ def _filter_grad(tape: StepTape, v: Tensor) -> tuple[Tensor | None]:
 
 class _WinogradConv(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, v: Tensor, tape: StepTape | None, m: int) -> Tensor:
-        u = _input_tiles(x, m)
+    def forward(ctx, x: Tensor, v: Tensor, tape: StepTape | None, a: int) -> Tensor:
+        u = _input_tiles(x, a)
         ctx.save_for_backward(u, v)
-        ctx.shape, ctx.m = tuple(x.shape), m
+        ctx.shape, ctx.a = tuple(x.shape), a
         ctx.tape = tape
         ctx.head = v.grad_fn if tape is not None else None
-        return _output_from(torch.bmm(u, v), x.shape[0], x.shape[2], x.shape[3], m)
+        return _output_from(torch.bmm(u, v), x.shape[0], x.shape[2], x.shape[3], a)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         refuse_second_order(grad, "winograd")
         u, v = ctx.saved_tensors
-        dm = _grad_tiles(grad, ctx.m)
+        dm = _grad_tiles(grad, ctx.a)
         dx = dv = None
         if ctx.needs_input_grad[0]:
-            dx = _input_grad(torch.bmm(dm, v.transpose(1, 2)), ctx.shape, ctx.m)
+            dx = _input_grad(torch.bmm(dm, v.transpose(1, 2)), ctx.shape, ctx.a)
         if ctx.tape is not None:
             ctx.tape.keep(ctx.head, u, dm)  # folded into the filter gradient
         elif ctx.needs_input_grad[1]:
@@ -296,19 +314,20 @@ class _WinogradConv(Function):
 def _check(x: Tensor, v: Tensor, kernel_size: int) -> None:
     if kernel_size not in KERNEL_SIZES:
         raise ValueError(f"winograd_conv takes 3x3 or 5x5 filters, not {kernel_size}x{kernel_size}")
-    if x.dim() != 4 or v.dim() != 3 or v.shape[0] != A * A or x.shape[1] != v.shape[1]:
+    a = _TILE[kernel_size]
+    if x.dim() != 4 or v.dim() != 3 or v.shape[0] != a * a or x.shape[1] != v.shape[1]:
         raise ValueError(
-            f"winograd_conv takes x (N, C_in, H, W) and v (36, C_in, C_out), got "
-            f"{tuple(x.shape)} and {tuple(v.shape)}"
+            f"winograd_conv with {kernel_size}x{kernel_size} filters takes x (N, C_in, H, W) "
+            f"and v ({a * a}, C_in, C_out), got {tuple(x.shape)} and {tuple(v.shape)}"
         )
 
 
 def winograd_conv(x: Tensor, v: Tensor, kernel_size: int, bias: Tensor | None = None) -> Tensor:
     """F.conv2d(x, weight, bias, padding=kernel_size // 2) for v = transform_weight(weight),
-    weight (C_out, C_in, kernel_size, kernel_size), kernel_size 3 or 5 (v's shape does not
-    say which); x (N, C_in, H, W) of v's dtype; returns (N, C_out, H, W), channels-last."""
+    weight (C_out, C_in, kernel_size, kernel_size), kernel_size 3 or 5; x (N, C_in, H, W) of
+    v's dtype; returns (N, C_out, H, W), channels-last."""
     _check(x, v, kernel_size)
-    y = _WinogradConv.apply(x, v, None, _OUTPUT_TILE[kernel_size])
+    y = _WinogradConv.apply(x, v, None, _TILE[kernel_size])
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
@@ -340,5 +359,5 @@ class WinogradSequence:
     def __call__(self, x: Tensor) -> Tensor:
         x = x.to(self.v.dtype)
         _check(x, self.v, self.kernel_size)
-        y = _WinogradConv.apply(x, self.v, self.tape, _OUTPUT_TILE[self.kernel_size])
+        y = _WinogradConv.apply(x, self.v, self.tape, _TILE[self.kernel_size])
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
