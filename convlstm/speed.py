@@ -18,9 +18,9 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 - batched_wgrad: each ConvLSTM gate weight's gradient computed once per sequence, over all
   its steps stacked (convlstm.wgrad), instead of one small product per step summed in the
   compute dtype. More peak memory (each step's gate gradient is kept); not with checkpointing.
-- winograd: ConvLSTM 3x3 and 5x5 gate convolutions by Winograd's F(4x4, 3x3) and F(2x2, 5x5)
-  (convlstm.winograd): 2.25 multiplications per output instead of 9, and 9 instead of 25, for
-  the CPU, where training is bound by the convolutions' arithmetic; the tile transforms are C
+- winograd: the 3x3 and 5x5 convolutions of ConvLSTM, ConvGRU and ConvRNN cells by
+  Winograd's F(4x4, 3x3) and F(4x4, 5x5) (convlstm.winograd): 2.25 multiplications per output
+  instead of 9, and 4 instead of 25, for the CPU, where training is bound by the convolutions' arithmetic; the tile transforms are C
   kernels (convlstm/tiles.c) where a C compiler is found. A model run one step at a time
   without autograd (model.step, StreamingPredictor) keeps its filters' transform from step to
   step while the weights are unchanged. Other kernel sizes, and autocast
@@ -45,11 +45,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from convlstm import native, winograd
 from convlstm.cells.base import RecurrentCell
+from convlstm.cells.gru import ConvGRUCell, ConvRNNCell
 from convlstm.cells.lstm import ConvLSTMCell
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.evaluation import autocast
 from convlstm.gates import fused_lstm_update, native_lstm_update
 from convlstm.layers import ConvRNN
+
+# the cells whose 3x3 and 5x5 convolutions can run by Winograd (the `winograd` option)
+WINOGRAD_CELLS = (ConvLSTMCell, ConvGRUCell, ConvRNNCell)
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
             plain = module.peephole == "none" and module.norm.kind == "none"
             module.fused_update = fused if plain else None
             module.batched_wgrad = options.batched_wgrad
+        if isinstance(module, WINOGRAD_CELLS):
             module.winograd = options.winograd and module.kernel_size in winograd.KERNEL_SIZES
     if options.winograd:
         native.keep_freed_memory()

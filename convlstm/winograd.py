@@ -331,6 +331,17 @@ def winograd_conv(x: Tensor, v: Tensor, kernel_size: int, bias: Tensor | None = 
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
+def sequence_conv(conv: torch.nn.Conv2d, batch_grad: bool = True) -> WinogradSequence:
+    """`conv` (3x3 or 5x5, 'same' padding) by Winograd for the steps of one sequence."""
+    return WinogradSequence(conv.weight, conv.bias, batch_grad=batch_grad)
+
+
+def step_conv(conv: torch.nn.Conv2d) -> WinogradSequence:
+    """`conv` by Winograd for a model run one step at a time without autograd: from its
+    filters' kept transform (kept_transform), not one made at every step."""
+    return WinogradSequence(conv.weight, conv.bias, transformed=kept_transform(conv.weight))
+
+
 class WinogradSequence:
     """x -> F.conv2d(x, weight, bias, padding=r // 2) for the steps of one sequence, r x r
     filters with r 3 or 5. The filter is transformed once (in the weight's dtype; inputs are

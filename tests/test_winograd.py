@@ -240,13 +240,16 @@ class ConvolutionCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("cell", ["convlstm", "peephole_convlstm", "convgru", "convrnn"])
 @pytest.mark.parametrize("kernel_size, direct", [(3, {1}), (5, {1}), (7, {1, 7})])
-def test_the_cpu_fast_path_runs_3x3_and_5x5_gates_by_winograd(kernel_size, direct):
-    """Only the 1x1 output convolution stays direct with 3x3 and 5x5 gates; 7x7 gates stay
+def test_the_cpu_fast_path_runs_3x3_and_5x5_cell_convolutions_by_winograd(
+    cell, kernel_size, direct
+):
+    """Only the 1x1 output convolution stays direct with 3x3 and 5x5 cells; 7x7 ones stay
     direct."""
     options = SpeedOptions.for_path("fast", torch.device("cpu"))
     assert options.winograd and not SpeedOptions.for_path("fast", torch.device("cuda")).winograd
-    config = ModelConfig(hidden_channels=(6, 5), kernel_size=kernel_size, patch_size=2)
+    config = ModelConfig(hidden_channels=(6, 5), kernel_size=kernel_size, patch_size=2, cell=cell)
     model = apply_speed(build_model(config), options)
     with ConvolutionCount() as count:
         model(torch.rand(2, 4, 1, 8, 8), 3).sum().backward()
@@ -256,6 +259,27 @@ def test_the_cpu_fast_path_runs_3x3_and_5x5_gates_by_winograd(kernel_size, direc
 @CONVLSTM_CASES
 def test_model_with_winograd_equals_eager_in_float64(overrides, hoist):
     options = SpeedOptions(hoist=hoist, winograd=True)
+    assert_fast_equals_eager(convlstm_config(overrides), options, rtol=1e-11, grad_rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "overrides, hoist, checkpointing",
+    [
+        (dict(cell="convgru"), True, False),
+        (dict(cell="convgru"), False, False),
+        (dict(cell="convgru", kernel_size=5), True, True),
+        (
+            dict(cell="convgru", architecture="encoder_forecaster", hidden_channels=(4, 6)),
+            True,
+            False,
+        ),
+        (dict(cell="convrnn"), True, False),
+        (dict(cell="convrnn", kernel_size=5), False, True),
+    ],
+    ids=["gru", "gru-per-step", "gru-5x5-checkpointed", "gru-encoder-forecaster", "rnn", "rnn-5x5"],
+)
+def test_gru_and_rnn_cells_with_winograd_equal_eager_in_float64(overrides, hoist, checkpointing):
+    options = SpeedOptions(hoist=hoist, winograd=True, checkpointing=checkpointing)
     assert_fast_equals_eager(convlstm_config(overrides), options, rtol=1e-11, grad_rtol=1e-9)
 
 
@@ -374,13 +398,15 @@ def test_the_kept_transform_does_not_keep_its_weight_alive():
     assert gone() is None
 
 
-def test_stepping_without_grad_transforms_once_and_follows_new_weights(monkeypatch):
+@pytest.mark.parametrize("cell, convs", [("convlstm", 1), ("convgru", 2), ("convrnn", 1)])
+def test_stepping_without_grad_transforms_once_and_follows_new_weights(cell, convs, monkeypatch):
     """model.step one frame at a time (streaming) runs Winograd from one kept transform per
-    cell, equal to eager, and a state dict loaded in place between steps is used at once."""
+    convolution, equal to eager, and a state dict loaded in place between steps is used at
+    once."""
     made = []
     transform = winograd.transform_weight
     monkeypatch.setattr(winograd, "transform_weight", lambda w: made.append(w) or transform(w))
-    config = ModelConfig(hidden_channels=(6, 5), kernel_size=5, patch_size=2)
+    config = ModelConfig(hidden_channels=(6, 5), kernel_size=5, patch_size=2, cell=cell)
     eager, fast = _pair(config, SpeedOptions(hoist=True, winograd=True))
     frames = torch.rand(4, 2, 1, 8, 8, dtype=torch.float64)
     torch.manual_seed(1)
@@ -395,7 +421,7 @@ def test_stepping_without_grad_transforms_once_and_follows_new_weights(monkeypat
             torch.testing.assert_close(
                 state_f.prediction, state_e.prediction, rtol=1e-11, atol=1e-12
             )
-    assert len(made) == 4  # two cells, before and after the new weights
+    assert len(made) == 2 * 2 * convs  # two cells, before and after the new weights
 
 
 def test_stepping_with_grad_trains_the_weights():

@@ -24,6 +24,8 @@ class RecurrentCell(nn.Module):
     # Speed options, set by convlstm.speed.apply_speed (the defaults are the eager reference):
     checkpointing = False  # recompute each step's activations in backward (less memory)
     channels_last = False  # new zero states in channels-last memory format
+    winograd = False  # 3x3 / 5x5 convolutions by Winograd (cells with step_convs; the CPU)
+    sequence_conv = None  # what open_sequence made, while a sequence is open (sequence_scope)
 
     def __init__(self, *, in_channels: int, hidden_channels: int, kernel_size: int) -> None:
         super().__init__()
@@ -60,8 +62,29 @@ class RecurrentCell(nn.Module):
 
     def forward(self, x: Tensor | None, state: tuple[Tensor, ...] | None = None):
         state = self.prepare_state(x, state)
-        state = self.run_step(self.step, x, state)
+        # the open sequence's convolutions, passed in, so that a checkpointed step recomputed
+        # in backward (after the sequence closed) runs the same ones
+        convs = self.sequence_conv
+        if convs is None and self.winograd_now() and not torch.is_grad_enabled():
+            convs = self.step_convs()  # inference one step at a time
+        if convs is None:
+            return self._out(self.run_step(self.step, x, state))
+        return self._out(self.run_step(self.step, x, state, convs))
+
+    @staticmethod
+    def _out(state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         return state[0], state
+
+    def winograd_now(self) -> bool:
+        # Winograd's transforms lose too much in bf16 / fp16: under autocast the convolutions
+        # stay direct (and run in the autocast dtype, as asked)
+        kind = next(self.parameters()).device.type
+        return self.winograd and not torch.is_autocast_enabled(kind)
+
+    def step_convs(self):
+        """The cell's convolutions by Winograd for one step without autograd (winograd.step_conv),
+        in the form its step() takes them; for the cells that have Winograd convolutions."""
+        raise NotImplementedError
 
     def run_step(self, step, *args) -> tuple[Tensor, ...]:
         """step(*args), recomputed in backward instead of stored when checkpointing."""

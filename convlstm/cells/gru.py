@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convlstm import winograd
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, with_input
 from convlstm.errors import ConfigError
 
@@ -67,30 +68,49 @@ class ConvGRUCell(RecurrentCell):
         self.conv_h = conv(c, 3 * c, kernel_size, bias=use_bias and not in_channels)
         self.update = _GRUUpdate(channels=c, norm=norm, activation=nn.Tanh())
 
-    def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor]:
+    def step(
+        self, x: Tensor | None, state: tuple[Tensor, ...], convs: tuple | None = None
+    ) -> tuple[Tensor]:
+        """convs: (W_x * ., W_h * .) to run instead of conv_x and conv_h (Winograd's)."""
         (h,) = state
-        from_x = None if x is None else self.conv_x(x)
-        return (self.update(from_x, self.conv_h(h), h),)
+        conv_x, conv_h = (self.conv_x, self.conv_h) if convs is None else convs
+        from_x = None if x is None else conv_x(x)
+        return (self.update(from_x, conv_h(h), h),)
+
+    def open_sequence(self) -> tuple | None:
+        """(W_x * ., W_h * .) by Winograd for the steps of one sequence (see sequence_scope),
+        each filter transformed once; None for the plain conv_x and conv_h."""
+        if not self.winograd_now():
+            return None
+        return self._convs(lambda c: winograd.sequence_conv(c, batch_grad=not self.checkpointing))
+
+    def step_convs(self) -> tuple:
+        return self._convs(winograd.step_conv)
+
+    def _convs(self, make) -> tuple:
+        return (None if self.conv_x is None else make(self.conv_x), make(self.conv_h))
 
     # The hoisted form (convlstm.speed): the input convolution for many frames at once.
-    def split_weights(self) -> None:
-        return None  # the two convolutions are separate already
+    def split_weights(self) -> tuple | None:
+        """The two convolutions are separate already: None, or Winograd's (open_sequence)."""
+        return self.open_sequence()
 
-    def project_input(self, x: Tensor, weights: None = None) -> Tensor:
+    def project_input(self, x: Tensor, weights: tuple | None = None) -> Tensor:
         """W_x * x + b for frames x (N, C_in, H, W) -> (N, 3C, H, W)."""
-        return self.conv_x(x)
+        return (self.conv_x if weights is None else weights[0])(x)
 
     def step_projected(
         self,
         from_x: Tensor,
         state: tuple[Tensor, ...],
-        weights: None = None,
+        weights: tuple | None = None,
         zero_state: bool = False,
     ) -> tuple[Tensor]:
         """step() given project_input(x). W_h * h runs even for a zero h (one code path;
         a skip would save one small convolution per sequence)."""
         (h,) = state
-        return (self.update(from_x, self.conv_h(h), h),)
+        conv_h = self.conv_h if weights is None else weights[1]
+        return (self.update(from_x, conv_h(h), h),)
 
 
 def warp(h: Tensor, flow: Tensor) -> Tensor:
@@ -197,7 +217,18 @@ class ConvRNNCell(RecurrentCell):
         self.norm = GateNorm(norm, gates=1, channels=c)
         self.conv = conv(in_channels + c, c, kernel_size, bias=bias and norm == "none")
 
-    def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor]:
+    def step(self, x: Tensor | None, state: tuple[Tensor, ...], conv=None) -> tuple[Tensor]:
+        """conv: W * . to run instead of self.conv (Winograd's)."""
         (h,) = state
-        out = torch.tanh(self.norm(self.conv(with_input(x, h))))
+        out = torch.tanh(self.norm((self.conv if conv is None else conv)(with_input(x, h))))
         return (out.to(h.dtype),)  # the state keeps its dtype (float32 under autocast)
+
+    def open_sequence(self):
+        """W * . by Winograd for the steps of one sequence (see sequence_scope), the filter
+        transformed once; None for the plain self.conv."""
+        if not self.winograd_now():
+            return None
+        return winograd.sequence_conv(self.conv, batch_grad=not self.checkpointing)
+
+    def step_convs(self):
+        return winograd.step_conv(self.conv)

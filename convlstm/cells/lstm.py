@@ -56,8 +56,6 @@ class ConvLSTMCell(RecurrentCell):
     state_size = 2
     fused_update = None  # set by convlstm.speed: convlstm.gates' update for the plain cell
     batched_wgrad = False  # set by convlstm.speed: the gate weights' gradient batched over time
-    winograd = False  # set by convlstm.speed: 3x3 / 5x5 gate convolutions by Winograd
-    sequence_conv = None  # the gate convolution while a sequence is open (sequence_scope)
 
     def __init__(
         self,
@@ -95,16 +93,6 @@ class ConvLSTMCell(RecurrentCell):
             self.w_cf = nn.Parameter(torch.zeros(shape))
             self.w_co = nn.Parameter(torch.zeros(shape))
 
-    def forward(self, x: Tensor | None, state: tuple[Tensor, ...] | None = None):
-        state = self.prepare_state(x, state)
-        # the open sequence's convolution, passed in, so that a checkpointed step recomputed
-        # in backward (after the sequence closed) runs the same one
-        conv = self.sequence_conv
-        if conv is None and self._winograd_now() and not torch.is_grad_enabled():
-            conv = self._kept_winograd()  # inference one step at a time
-        state = self.run_step(self.step, x, state, self.conv if conv is None else conv)
-        return state[0], state
-
     def step(
         self, x: Tensor | None, state: tuple[Tensor, ...], conv: Conv | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -114,27 +102,18 @@ class ConvLSTMCell(RecurrentCell):
     def open_sequence(self) -> Conv | None:
         """The gate convolution for the steps of one sequence (see sequence_scope), or None
         for the plain self.conv."""
-        if self._winograd_now() or (self.batched_wgrad and torch.is_grad_enabled()):
+        if self.winograd_now() or (self.batched_wgrad and torch.is_grad_enabled()):
             return self._sequence_conv(self.conv.weight, self.conv.bias, batch=True)
         return None
 
-    def _kept_winograd(self) -> Conv:
-        """Without autograd and outside a sequence (a model run one step at a time), the
-        Winograd convolution from a transform of the gate weights kept while they are
-        unchanged (winograd.kept_transform), not one made at every step."""
-        weight = self.conv.weight
-        return WinogradSequence(weight, self.conv.bias, transformed=winograd.kept_transform(weight))
-
-    def _winograd_now(self) -> bool:
-        # Winograd's transforms lose too much in bf16 / fp16: under autocast the convolutions
-        # stay direct (and run in the autocast dtype, as asked)
-        return self.winograd and not torch.is_autocast_enabled(self.conv.weight.device.type)
+    def step_convs(self) -> Conv:
+        return winograd.step_conv(self.conv)
 
     def _sequence_conv(self, weight: Tensor, bias: Tensor | None, batch: bool) -> Conv:
         """x -> W * x + b for one sequence, the per-sequence work done here once: the Winograd
         transform of W, or (batch) the bookkeeping of a batched weight gradient (for Winograd,
         made in its domain; not with checkpointing, whose memory saving it would undo)."""
-        if self._winograd_now():
+        if self.winograd_now():
             return WinogradSequence(weight, bias, batch_grad=batch and not self.checkpointing)
         if batch and self.batched_wgrad and torch.is_grad_enabled():
             return WeightGradBatch(weight, bias, self.kernel_size // 2).conv
