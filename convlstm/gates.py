@@ -174,7 +174,8 @@ class _NativeUpdate(torch.autograd.Function):
 def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
     """`update(z, c, z_more=None) -> (h', c')`: lstm_update with the backward as one C kernel,
     for float32 / float64 CPU tensors of one dtype and full shapes (anything else, e.g. a
-    broadcast c, runs lstm_update); None where the C kernel can't be built (no C compiler)."""
+    broadcast c, and anything without grad, runs lstm_update); None where the C kernel can't
+    be built (no C compiler)."""
     if native.load("gates") is None:
         return None
 
@@ -187,7 +188,7 @@ def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
         if z.device.type == "cpu" and full and c.dtype == z.dtype and same:
             suffix = _NATIVE_DTYPES.get(z.dtype)
             kernel = None if suffix is None else _native_backward(suffix)
-        if kernel is None:
+        if kernel is None or not torch.is_grad_enabled():  # no backward: nothing to save
             return lstm_update(z, c, z_more)
         return _NativeUpdate.apply(z, c, z_more, kernel)
 

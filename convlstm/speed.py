@@ -20,10 +20,12 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   compute dtype. More peak memory (each step's gate gradient is kept); not with checkpointing.
 - winograd: the 3x3 and 5x5 convolutions of ConvLSTM, ConvGRU and ConvRNN cells by
   Winograd's F(4x4, 3x3) and F(4x4, 5x5) (convlstm.winograd): 2.25 multiplications per output
-  instead of 9, and 4 instead of 25, for the CPU, where training is bound by the convolutions' arithmetic; the tile transforms are C
-  kernels (convlstm/tiles.c) where a C compiler is found. A model run one step at a time
-  without autograd (model.step, StreamingPredictor) keeps its filters' transform from step to
-  step while the weights are unchanged. Other kernel sizes, and autocast
+  instead of 9, and 4 instead of 25, for the CPU, where training is bound by the
+  convolutions' arithmetic; the tile transforms are C kernels (convlstm/tiles.c) where a C
+  compiler is found. A model run one step at a time without autograd (model.step,
+  StreamingPredictor) keeps its filters' transform from step to step while the weights are
+  unchanged, and runs steps of fewer than 8 tiles (batch 1 on a grid of up to 8x8) directly.
+  Other kernel sizes, and autocast
   (bf16 / fp16), keep the direct convolution. Turning it on also asks glibc's malloc to keep
   freed memory for reuse (convlstm.native.keep_freed_memory: process-wide), which the CPU fast
   path's large temporaries need to avoid fresh pages at every step.

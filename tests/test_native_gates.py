@@ -65,6 +65,26 @@ def test_other_dtypes_and_devices_run_the_eager_update(update):
     assert "NativeUpdate" not in type(h.grad_fn).__name__
 
 
+def test_without_grad_the_eager_update_runs_and_saves_nothing(update, monkeypatch):
+    """The C pass exists for the backward; without grad (streaming, evaluation) its forward
+    would only save activations nobody reads."""
+    from convlstm import gates
+
+    calls = []
+    native_apply = gates._NativeUpdate.apply
+    monkeypatch.setattr(
+        gates._NativeUpdate, "apply", lambda *args: calls.append(1) or native_apply(*args)
+    )
+    z, c = torch.randn(2, 8, 3, 3), torch.randn(2, 2, 3, 3)
+    with torch.no_grad():
+        got = update(z, c)
+    assert calls == []
+    for g, e in zip(got, lstm_update(z, c), strict=True):
+        torch.testing.assert_close(g, e)
+    update(z.requires_grad_(), c)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("c_shape", [(1, 2, 3, 3), (2, 1, 3, 3), (4, 2, 3, 3)])
 def test_a_broadcast_memory_runs_the_eager_update(update, c_shape):
     z = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)

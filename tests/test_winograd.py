@@ -408,7 +408,7 @@ def test_stepping_without_grad_transforms_once_and_follows_new_weights(cell, con
     monkeypatch.setattr(winograd, "transform_weight", lambda w: made.append(w) or transform(w))
     config = ModelConfig(hidden_channels=(6, 5), kernel_size=5, patch_size=2, cell=cell)
     eager, fast = _pair(config, SpeedOptions(hoist=True, winograd=True))
-    frames = torch.rand(4, 2, 1, 8, 8, dtype=torch.float64)
+    frames = torch.rand(4, 2, 1, 16, 16, dtype=torch.float64)  # 2 x 4 tiles per step
     torch.manual_seed(1)
     new_weights = build_model(config).double().state_dict()
     with torch.no_grad():
@@ -422,6 +422,17 @@ def test_stepping_without_grad_transforms_once_and_follows_new_weights(cell, con
                 state_f.prediction, state_e.prediction, rtol=1e-11, atol=1e-12
             )
     assert len(made) == 2 * 2 * convs  # two cells, before and after the new weights
+
+
+@pytest.mark.parametrize("batch, grid, direct", [(1, 8, {1, 3}), (2, 8, {1}), (1, 9, {1})])
+def test_a_step_of_fewer_than_8_tiles_runs_the_direct_convolution(batch, grid, direct):
+    """Without grad, one step at a time: a batch of 1 on an 8x8 grid (4 tiles) is faster
+    directly; 2 such frames, or a 9x9 grid (9 tiles), run by Winograd."""
+    config = ModelConfig(hidden_channels=(6,), kernel_size=3, patch_size=1)
+    model = apply_speed(build_model(config), SpeedOptions(hoist=True, winograd=True))
+    with torch.no_grad(), ConvolutionCount() as count:
+        model.step(torch.rand(batch, 1, grid, grid), None)
+    assert set(count.kernels) == direct
 
 
 def test_stepping_with_grad_trains_the_weights():

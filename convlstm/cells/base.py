@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from convlstm import winograd
 from convlstm.errors import ConfigError, ShapeError
 
 NORMS = ("none", "layer", "group")
@@ -65,7 +66,12 @@ class RecurrentCell(nn.Module):
         # the open sequence's convolutions, passed in, so that a checkpointed step recomputed
         # in backward (after the sequence closed) runs the same ones
         convs = self.sequence_conv
-        if convs is None and self.winograd_now() and not torch.is_grad_enabled():
+        if (
+            convs is None
+            and self.winograd_now()
+            and not torch.is_grad_enabled()
+            and winograd.pays_per_step(state[0])
+        ):
             convs = self.step_convs()  # inference one step at a time
         if convs is None:
             return self._out(self.run_step(self.step, x, state))
