@@ -115,19 +115,22 @@ def load(name: str) -> ctypes.CDLL | None:
 
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse (process-wide; once): blocks up to
-    32 MiB come from the heap instead of fresh mmaps, and the heap's top is returned to the
+    """Ask glibc's malloc to keep freed memory for reuse (process-wide; once): blocks of any
+    size come from the heap instead of fresh mmaps, and the heap's top is returned to the
     system only beyond 2 GiB. PyTorch's CPU tensors are plain mallocs, and a training step
     that frees and reallocates large temporaries otherwise gets fresh pages each time: the
-    CPU fast path took 400-12,000 page faults per step by default and almost none after
-    this: 509-552 against 582-591 ms per step in three alternating pairs of runs
-    (mmnist-cpu-small, batch 16, 2-core CPU). The peak memory is unchanged; it is just not
-    handed back. Returns whether it applied (False off glibc, where the allocator is left
+    CPU fast path took 400-12,000 page faults per step on mmnist-cpu-small at batch 16
+    (509-552 against 582-591 ms per step without them, three alternating pairs of runs on a
+    2-core CPU). Raising glibc's mmap threshold to its 32 MiB maximum fixed that, but not
+    ConvLSTM-S, whose 5x5 Winograd filters and products exceed it: 54,000-86,000 faults per
+    step, against 1,100-4,300 with no mmap at all (batch 2, five alternating pairs: median
+    2.48 against 2.23 s per step). The peak memory is unchanged; it is just not handed
+    back. Returns whether it applied (False off glibc, where the allocator is left
     alone)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -136,6 +139,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    )
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -94,9 +94,10 @@ class SpeedOptions:
         ConvLSTM-S: 2.8x eager bf16 at batch 16, 1.1x at batch 64) all of them but
         batched_wgrad, not yet measured on a GPU, and winograd and native_gates, which are
         for the CPU. On the CPU, where training is bound by the convolutions' arithmetic,
-        hoisting, Winograd 3x3 and 5x5 convolutions and the C gate backward (mmnist-cpu-small:
-        1.7x eager at batch 8, 2.0x at batch 16; ConvLSTM-S: 1.85x at batch 2); channels-last
-        and compiled gates measured no better than eager within this CPU's noise."""
+        hoisting, Winograd 3x3 and 5x5 convolutions and the C gate backward (2-core CPU,
+        mmnist-cpu-small: 1.8x eager at batch 8, 2.05x at batch 16; ConvLSTM-S: 2.6x at
+        batch 2; the ConvGRU and ConvRNN presets 2.6x and 2.3x); channels-last and compiled
+        gates measured no better than eager within this CPU's noise."""
         if path == "eager":
             return cls(checkpointing=checkpointing)
         if path != "fast":

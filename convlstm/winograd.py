@@ -14,8 +14,8 @@ output: ConvLSTM-S trained at 1.85x eager with it, at 2.6x with F(4x4, 5x5), on 
 CPU at batch 2.)
 
 The result equals the direct convolution in exact arithmetic (float64 agrees to about 1e-13);
-in float32 the transforms cost about one more decimal digit (relative error about 5e-6
-instead of 1e-6, for both sizes). The backward pass is written by hand in the same domain:
+in float32 the transforms cost about one more decimal digit (relative error 3e-6 to 8e-6
+instead of about 1e-6, for both sizes). The backward pass is written by hand in the same domain:
 the input gradient by the transposed transforms, the filter gradient in the Winograd domain
 (mapped back to the filter by autograd through `transform_weight`).
 

@@ -74,18 +74,17 @@ class RecurrentCell(nn.Module):
         ):
             convs = self.step_convs()  # inference one step at a time
         if convs is None:
-            return self._out(self.run_step(self.step, x, state))
-        return self._out(self.run_step(self.step, x, state, convs))
-
-    @staticmethod
-    def _out(state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+            state = self.run_step(self.step, x, state)
+        else:
+            state = self.run_step(self.step, x, state, convs)
         return state[0], state
 
     def winograd_now(self) -> bool:
         # Winograd's transforms lose too much in bf16 / fp16: under autocast the convolutions
         # stay direct (and run in the autocast dtype, as asked)
-        kind = next(self.parameters()).device.type
-        return self.winograd and not torch.is_autocast_enabled(kind)
+        if not self.winograd:
+            return False
+        return not torch.is_autocast_enabled(next(self.parameters()).device.type)
 
     def step_convs(self):
         """The cell's convolutions by Winograd for one step without autograd (winograd.step_conv),
