@@ -24,11 +24,11 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   convolutions' arithmetic; the tile transforms are C kernels (convlstm/tiles.c) where a C
   compiler is found. A model run one step at a time without autograd (model.step,
   StreamingPredictor) keeps its filters' transform from step to step while the weights are
-  unchanged, and runs steps of fewer than 8 tiles (batch 1 on a grid of up to 8x8) directly.
-  Other kernel sizes, and autocast
-  (bf16 / fp16), keep the direct convolution. Turning it on also asks glibc's malloc to keep
-  freed memory for reuse (convlstm.native.keep_freed_memory: process-wide), which the CPU fast
-  path's large temporaries need to avoid fresh pages at every step.
+  unchanged (changes made through `.data` are not seen), and runs steps of fewer than 8 tiles
+  (batch 1 on a grid of up to 8x8) directly. Other kernel sizes, and autocast (bf16 / fp16),
+  keep the direct convolution. Turning it on also asks glibc's malloc to keep freed memory
+  for reuse (convlstm.native.keep_freed_memory: process-wide), which the CPU fast path's
+  large temporaries need to avoid fresh pages at every step.
 - native_gates: the plain ConvLSTM gate update with its backward as one C pass
   (convlstm/gates.c; the forward saves the gate activations), for float32 / float64 on the
   CPU, where autograd's version is a dozen small kernels and a concatenation.
@@ -119,8 +119,10 @@ class SpeedOptions:
             for name in ("cuda_graph", "fused_optimizer"):
                 if getattr(self, name):
                     raise ConfigError(f"{name} needs a CUDA device, not {device}")
-        elif self.native_gates:
-            raise ConfigError(f"native_gates is a CPU kernel, not for {device}")
+        else:
+            for name in ("native_gates", "winograd"):
+                if getattr(self, name):
+                    raise ConfigError(f"{name} is for the CPU, not for {device}")
 
     def describe(self) -> str:
         on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
@@ -214,7 +216,8 @@ class StreamingPredictor:
     one launch per frame). The returned tensor is overwritten by the next call: clone it to
     keep it. `reset()` starts a new sequence. The model is put in eval mode; the graph reads
     the parameters where they are, so build a new predictor after moving or converting the
-    model (loading new weights into it in place is fine).
+    model (loading new weights into it in place is fine; on the CPU fast path, a change made
+    through `.data` is not seen: see winograd.kept_transform).
     """
 
     def __init__(

@@ -89,7 +89,7 @@ def _rows(a: int) -> tuple[list[list[Fraction]], ...]:
 
 
 @functools.cache
-def _matrices(dtype: torch.dtype, device: torch.device, a: int = 6) -> tuple[Tensor, ...]:
+def _matrices(dtype: torch.dtype, device: torch.device, a: int) -> tuple[Tensor, ...]:
     """The 1-D transforms for input tile a: B^T (a, a), G (a, r), A^T (M, a) in `dtype`
     (exact in binary but for G's thirds, fifths and ninths, rounded once)."""
 
@@ -115,7 +115,7 @@ def transform_weight(weight: Tensor) -> Tensor:
     if (
         weight.dim() != 4
         or weight.shape[-1] != weight.shape[-2]
-        or weight.shape[-1] not in (KERNEL_SIZES)
+        or weight.shape[-1] not in KERNEL_SIZES
     ):
         raise ValueError(
             f"transform_weight takes (C_out, C_in, r, r) with r 3 or 5, got {tuple(weight.shape)}"
@@ -199,7 +199,7 @@ def _nhwc(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _input_tiles(x: Tensor, a: int = 6) -> Tensor:
+def _input_tiles(x: Tensor, a: int) -> Tensor:
     """x (N, C, H, W) -> the Winograd-domain input (a * a, N*th*tw, C) for input tiles a x a."""
     n, c, h, w = x.shape
     th, tw = _tiles(x.shape)
@@ -216,7 +216,7 @@ def _input_tiles(x: Tensor, a: int = 6) -> Tensor:
     return _both_axes(b, tiles).view(a * a, n * th * tw, c)
 
 
-def _output_from(prod: Tensor, n: int, h: int, w: int, a: int = 6) -> Tensor:
+def _output_from(prod: Tensor, n: int, h: int, w: int, a: int) -> Tensor:
     """Winograd-domain products (a * a, N*th*tw, C_out) -> y (N, C_out, H, W), channels-last."""
     c_out = prod.shape[-1]
     y = _in_c("output_from", prod, (n, h, w, c_out), n, h, w, c_out, a)
@@ -229,7 +229,7 @@ def _output_from(prod: Tensor, n: int, h: int, w: int, a: int = 6) -> Tensor:
     return y[:, :h, :w].permute(0, 3, 1, 2)
 
 
-def _grad_tiles(grad: Tensor, a: int = 6) -> Tensor:
+def _grad_tiles(grad: Tensor, a: int) -> Tensor:
     """dL/dy (N, C_out, H, W) -> dL/d(products) (a * a, N*th*tw, C_out): the output map's
     transpose."""
     n, c_out, h, w = grad.shape
@@ -256,7 +256,7 @@ def _overlap_add(t: Tensor, tiles: int) -> Tensor:
     return rows.flatten(0, 1)
 
 
-def _input_grad(du: Tensor, shape: tuple[int, ...], a: int = 6) -> Tensor:
+def _input_grad(du: Tensor, shape: tuple[int, ...], a: int) -> Tensor:
     """dL/d(input tiles) (a * a, N*th*tw, C) -> dL/dx (N, C, H, W): the input map's
     transpose, overlapping tiles summed (fold)."""
     n, c, h, w = shape
@@ -343,8 +343,13 @@ def sequence_conv(conv: torch.nn.Conv2d, batch_grad: bool = True) -> WinogradSeq
 MIN_STEP_TILES = 8
 
 
-def pays_per_step(x: Tensor) -> bool:
-    """Whether a step on x (N, C, H, W) is better run by Winograd than directly (no grad)."""
+def keeps_per_step(x: Tensor, weight: Tensor) -> bool:
+    """Whether a step without grad on x (N, C, H, W) runs by Winograd from the kept transform
+    of `weight` (step_conv): on the CPU (a CUDA graph would replay a transform that new
+    weights loaded in place do not reach), for a weight with a version counter (not one made
+    in inference mode), and for steps of at least MIN_STEP_TILES tiles."""
+    if x.device.type != "cpu" or weight.is_inference():
+        return False
     th, tw = _tiles(x.shape)
     return x.shape[0] * th * tw >= MIN_STEP_TILES
 

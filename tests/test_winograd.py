@@ -347,6 +347,34 @@ def test_second_order_gradients_are_refused():
         torch.autograd.grad(loss, weight, create_graph=True)
 
 
+def test_winograd_is_for_the_cpu():
+    with pytest.raises(ConfigError, match="winograd is for the CPU"):
+        SpeedOptions(winograd=True).check(torch.device("cuda"))
+    SpeedOptions(winograd=True).check(torch.device("cpu"))
+
+
+def test_a_model_made_in_inference_mode_steps_directly(monkeypatch):
+    """Inference tensors have no version counter to tell when they change: no kept
+    transform, the direct convolution (which used to crash on reading the counter)."""
+    kept = []
+    keep = winograd.kept_transform
+    monkeypatch.setattr(winograd, "kept_transform", lambda w: kept.append(w) or keep(w))
+    config = ModelConfig(hidden_channels=(6,), kernel_size=3, patch_size=1)
+    frame = torch.rand(2, 1, 12, 12)  # 9 tiles per frame
+    torch.manual_seed(0)
+    reference = build_model(config)
+    with torch.inference_mode():
+        model = apply_speed(build_model(config), SpeedOptions(hoist=True, winograd=True))
+        model.load_state_dict(reference.state_dict())
+        got = model.step(frame, None).prediction
+    assert kept == []
+    with torch.no_grad():
+        expected = reference.step(frame, None).prediction
+        apply_speed(reference, SpeedOptions(hoist=True, winograd=True)).step(frame, None)
+    assert len(kept) == 1  # the same step outside inference mode: Winograd, kept
+    torch.testing.assert_close(got, expected)
+
+
 def test_winograd_and_batched_weight_gradients_are_refused_together():
     with pytest.raises(ConfigError, match="batched_wgrad and winograd"):
         SpeedOptions(batched_wgrad=True, winograd=True)

@@ -70,7 +70,7 @@ class RecurrentCell(nn.Module):
             convs is None
             and self.winograd_now()
             and not torch.is_grad_enabled()
-            and winograd.pays_per_step(state[0])
+            and winograd.keeps_per_step(state[0], next(self.parameters()))
         ):
             convs = self.step_convs()  # inference one step at a time
         if convs is None:
