@@ -91,15 +91,20 @@ def test_the_cpu_fast_path_keeps_freed_memory(monkeypatch):
 
 
 def test_kept_memory_serves_a_large_temporary_again_without_fresh_pages():
-    """A 64 MiB block freed and asked for again comes back from the heap: an mmap (glibc's
-    default for large blocks) would fault in all of its 16,384 pages again."""
+    """A 64 MiB block freed and asked for again comes back from the heap, its pages there
+    already: an mmap (glibc's default for large blocks) would fault in all 16,384 of them
+    every time. It may take a few rounds: PyTorch asks for 64-byte-aligned blocks, which need
+    a little more than the hole an equal block left (and a small block kept after a hole can
+    fence it off from the top) until the holes merge."""
     if not native.keep_freed_memory():
         pytest.skip("not glibc: the allocator is left alone")
     size = 2**24  # float32: 64 MiB, above glibc's largest mmap threshold (32 MiB)
-    torch.ones(size)  # allocated, touched and freed
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(size)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2000
+    rounds = []
+    while len(rounds) < 16 and (not rounds or rounds[-1] >= 2000):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(size)  # allocated, touched and freed
+        rounds.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert rounds[-1] < 2000, f"page faults per round: {rounds}"
 
 
 def test_a_broken_cached_library_is_built_again(cache):
