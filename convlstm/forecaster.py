@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from convlstm import winograd
 from convlstm.config import ModelConfig
 from convlstm.errors import ShapeError
 from convlstm.layers import check_video
@@ -46,7 +47,9 @@ class Forecaster(nn.Module):
         targets: Tensor | None = None,
         teacher_mask: Tensor | None = None,
     ) -> Tensor:
-        return self.forecast(self.encode(context), horizon, targets, teacher_mask)
+        # the CPU fast path transforms each Winograd filter once for encode and forecast
+        with winograd.shared_transforms():
+            return self.forecast(self.encode(context), horizon, targets, teacher_mask)
 
     def _check_context(self, context: Tensor) -> None:
         check_video(context, "context")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from convlstm import winograd
 from convlstm.checkpoint import load_checkpoint, save_checkpoint, set_rng_states
 from convlstm.config import ModelConfig, TrainConfig, build, to_dict
 from convlstm.errors import ConfigError
@@ -172,7 +173,11 @@ class TrainStep:
         frames_needed = cfg.context_frames + cfg.horizon
         context = batch[:, : cfg.context_frames]  # (B, Tc, C, H, W)
         target = batch[:, cfg.context_frames : frames_needed]  # (B, horizon, C, H, W)
-        with autocast(self.device, self.amp_dtype, cache=not self.speed.cuda_graph):
+        # shared_transforms: the CPU fast path transforms each Winograd filter once per step
+        with (
+            autocast(self.device, self.amp_dtype, cache=not self.speed.cuda_graph),
+            winograd.shared_transforms(),
+        ):
             if cfg.loss_on_context:
                 state, seen = model.encode_with_predictions(context)  # seen[:, t] ~ frame t+1
                 preds = model.forecast(state, cfg.horizon, targets=target, teacher_mask=mask)

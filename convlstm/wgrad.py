@@ -35,35 +35,24 @@ class StepTape:
     parameters they share (see `share`): two tensors per step, in the order backward meets
     the steps, detached, so nothing kept leads back through the graph to the tape (no
     reference cycle). `finish(tape, *params)` then makes those parameters' gradients.
+    (convlstm.winograd.FilterTape folds each step into a running total instead.)"""
 
-    With `fold(total, first, second) -> total`, each step's pair is folded into a running
-    total as backward meets it (`total` is None for the first) instead of kept."""
-
-    def __init__(
-        self,
-        finish: Callable[..., tuple[Tensor | None, ...]],
-        fold: Callable[[Tensor | None, Tensor, Tensor], Tensor] | None = None,
-    ) -> None:
+    def __init__(self, finish: Callable[..., tuple[Tensor | None, ...]]) -> None:
         self.finish = finish
-        self.fold = fold
         self.firsts: list[Tensor] = []
         self.seconds: list[Tensor] = []
-        self.total: Tensor | None = None
 
     def keep(self, head, first: Tensor, second: Tensor) -> None:
-        """Keep (or fold) a step's pair if this backward reaches `head` (the shared
-        parameters' node): not, say, in autograd.grad of the inputs alone, whose steps a
-        later full backward would count again."""
+        """Keep a step's pair if this backward reaches `head` (the shared parameters' node):
+        not, say, in autograd.grad of the inputs alone, whose steps a later full backward
+        would count again."""
         if head is not None and torch._C._will_engine_execute_node(head):
-            if self.fold is not None:
-                self.total = self.fold(self.total, first.detach(), second.detach())
-            else:
-                self.firsts.append(first.detach())
-                self.seconds.append(second.detach())
+            self.firsts.append(first.detach())
+            self.seconds.append(second.detach())
 
     @property
     def kept(self) -> bool:
-        return bool(self.firsts) or self.total is not None
+        return bool(self.firsts)
 
     def join(self, dim: int) -> tuple[Tensor, Tensor]:
         """All steps' firsts and seconds, each concatenated along `dim`; one list at a time,
@@ -73,11 +62,6 @@ class StepTape:
         seconds = self.seconds[0] if len(self.seconds) == 1 else torch.cat(self.seconds, dim)
         self.seconds = []
         return firsts, seconds
-
-    def take_total(self) -> Tensor | None:
-        """The folded total, let go."""
-        total, self.total = self.total, None
-        return total
 
 
 def refuse_second_order(grad: Tensor, option: str) -> None:

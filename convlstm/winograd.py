@@ -14,10 +14,11 @@ output: ConvLSTM-S trained at 1.85x eager with it, at 2.6x with F(4x4, 5x5), on 
 CPU at batch 2.)
 
 The result equals the direct convolution in exact arithmetic (float64 agrees to about 1e-13);
-in float32 the transforms cost about one more decimal digit (relative error 3e-6 to 8e-6
-instead of about 1e-6, for both sizes). The backward pass is written by hand in the same domain:
-the input gradient by the transposed transforms, the filter gradient in the Winograd domain
-(mapped back to the filter by autograd through `transform_weight`).
+in float32 the transforms cost one to two more decimal digits (relative error 3e-6 to 1.1e-5,
+depending on the CPU, against 3e-7 to 1e-6 for the direct convolution). The backward pass is
+written by hand in the same domain: the input gradient by the transposed transforms, the
+filter gradient in the Winograd domain (mapped back to the filter by autograd through
+`transform_weight`).
 
 The four tile transforms (input tiles, products back to outputs, and their transposes for
 the backward) run as C kernels, one pass each (convlstm/tiles.c, compiled on first use by
@@ -35,6 +36,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from fractions import Fraction
 
 import torch
@@ -45,7 +49,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from convlstm import native
-from convlstm.wgrad import StepTape, refuse_second_order, share
+from convlstm.wgrad import refuse_second_order, share
 
 M = 4  # output tile, for both filter sizes
 KERNEL_SIZES = (3, 5)
@@ -273,25 +277,51 @@ def _input_grad(du: Tensor, shape: tuple[int, ...], a: int) -> Tensor:
     return cols[pad : w + pad, pad : h + pad].permute(2, 3, 1, 0)
 
 
-def _fold_filter_grad(total: Tensor | None, u: Tensor, dm: Tensor) -> Tensor:
-    """One step's dL/dv = u^T dm, added in place into the sequence's total."""
-    if total is None:
-        return torch.bmm(u.transpose(1, 2), dm)
-    return total.baddbmm_(u.transpose(1, 2), dm)
+class FilterTape:
+    """The filter gradient of the steps that share one transformed filter, for `share`: each
+    step's u^T dm folded, as backward meets the step, into a total for the range of input
+    channels the step used (the whole filter, or ConvLSTM's hoisted W_x or W_h), and the
+    totals put together once, when backward reaches the filter. (Folding each step into a
+    strided slice of one total measured 2x slower than into a dense total of its own.)"""
 
+    def __init__(self) -> None:
+        self.totals: dict[tuple[int, int], Tensor] = {}
 
-def _filter_grad(tape: StepTape, v: Tensor) -> tuple[Tensor | None]:
-    """dL/dv over all the steps of a sequence, folded as backward met them."""
-    return (tape.take_total(),)
+    def keep(self, head, u: Tensor, dm: Tensor, channels: tuple[int, int]) -> None:
+        """Fold a step's pair if this backward reaches `head` (the filter's node): not, say,
+        in autograd.grad of the inputs alone, whose steps a later full backward would count
+        again."""
+        if head is not None and torch._C._will_engine_execute_node(head):
+            total = self.totals.get(channels)
+            u_t = u.detach().transpose(1, 2)
+            if total is None:
+                self.totals[channels] = torch.bmm(u_t, dm.detach())
+            else:
+                total.baddbmm_(u_t, dm.detach())
+
+    @property
+    def kept(self) -> bool:
+        return bool(self.totals)
+
+    @staticmethod
+    def finish(tape: FilterTape, v: Tensor) -> tuple[Tensor]:
+        """dL/dv over every step, the totals let go."""
+        totals, tape.totals = tape.totals, {}
+        whole = totals.pop((0, v.shape[1]), None)
+        if whole is None:
+            whole = v.new_zeros(v.shape)
+        for (lo, hi), part in totals.items():
+            whole[:, lo:hi] += part
+        return (whole,)
 
 
 class _WinogradConv(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, v: Tensor, tape: StepTape | None, a: int) -> Tensor:
+    def forward(ctx, x: Tensor, v: Tensor, tape: FilterTape | None, a: int, channels) -> Tensor:
         u = _input_tiles(x, a)
         ctx.save_for_backward(u, v)
         ctx.shape, ctx.a = tuple(x.shape), a
-        ctx.tape = tape
+        ctx.tape, ctx.channels = tape, channels
         ctx.head = v.grad_fn if tape is not None else None
         return _output_from(torch.bmm(u, v), x.shape[0], x.shape[2], x.shape[3], a)
 
@@ -305,10 +335,10 @@ class _WinogradConv(Function):
         if ctx.needs_input_grad[0]:
             dx = _input_grad(torch.bmm(dm, v.transpose(1, 2)), ctx.shape, ctx.a)
         if ctx.tape is not None:
-            ctx.tape.keep(ctx.head, u, dm)  # folded into the filter gradient
+            ctx.tape.keep(ctx.head, u, dm, ctx.channels)  # folded into the filter gradient
         elif ctx.needs_input_grad[1]:
             dv = torch.bmm(u.transpose(1, 2), dm)
-        return dx, dv, None, None
+        return dx, dv, None, None, None
 
 
 def _check(x: Tensor, v: Tensor, kernel_size: int) -> None:
@@ -327,7 +357,7 @@ def winograd_conv(x: Tensor, v: Tensor, kernel_size: int, bias: Tensor | None = 
     weight (C_out, C_in, kernel_size, kernel_size), kernel_size 3 or 5; x (N, C_in, H, W) of
     v's dtype; returns (N, C_out, H, W), channels-last."""
     _check(x, v, kernel_size)
-    y = _WinogradConv.apply(x, v, None, _TILE[kernel_size])
+    y = _WinogradConv.apply(x, v, None, _TILE[kernel_size], None)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
@@ -360,14 +390,58 @@ def step_conv(conv: torch.nn.Conv2d) -> WinogradSequence:
     return WinogradSequence(conv.weight, conv.bias, transformed=kept_transform(conv.weight))
 
 
+# While a shared_transforms scope is open: id(weight) -> (weight, key, transform, tape)
+_SHARED: ContextVar[dict | None] = ContextVar("winograd_shared", default=None)
+
+
+@contextmanager
+def shared_transforms() -> Iterator[None]:
+    """While open, each filter is transformed once, when a WinogradSequence first asks for
+    it, and every later WinogradSequence of the same weight (the whole filter or a range of
+    its input channels) runs from that transform, with its filter gradient folded into the
+    same tape: one training step that encodes (ConvLSTM's hoisted W_x and W_h) and then
+    forecasts (the whole W) transforms each filter once, forward and backward, instead of
+    twice. A transform made without grad (or with a different batch_grad) is not handed to a
+    sequence with, nor one made before the weight changed. Nested scopes are one scope."""
+    if _SHARED.get() is not None:
+        yield
+        return
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _transform(weight: Tensor, batch_grad: bool) -> tuple[Tensor, FilterTape | None]:
+    """(transform_weight(weight), its tape or None), or what the open shared_transforms scope
+    made of this weight already."""
+    grad = torch.is_grad_enabled() and weight.requires_grad
+    shared = _SHARED.get() if not weight.is_inference() else None  # no version counter
+    if shared is not None:
+        key = (weight.data_ptr(), weight._version, grad, batch_grad)
+        kept = shared.get(id(weight))
+        if kept is not None and kept[0] is weight and kept[1] == key:
+            return kept[2], kept[3]
+    v, tape = transform_weight(weight), None
+    if batch_grad and grad:
+        tape = FilterTape()
+        (v,) = share(tape, v)
+    if shared is not None:
+        shared[id(weight)] = (weight, key, v, tape)
+    return v, tape
+
+
 class WinogradSequence:
-    """x -> F.conv2d(x, weight, bias, padding=r // 2) for the steps of one sequence, r x r
-    filters with r 3 or 5. The filter is transformed once (in the weight's dtype; inputs are
-    cast to it; meant for float32 and float64, not autocast). With batch_grad, while grad is
-    enabled, each step's filter gradient is added in place into one total as backward meets
-    the step, and the total is handed to autograd once, when backward reaches the filter: no
-    per-step gradient tensor and no sum of them. (Stacking all the steps' tiles for one
-    product instead measured slower: the concatenation costs more than the product saves.)"""
+    """x -> F.conv2d(x, weight[:, lo:hi], bias, padding=r // 2) for the steps of one
+    sequence, r x r filters with r 3 or 5, the input channels lo:hi of the weight (all by
+    default). The filter is transformed once (in the weight's dtype; inputs are cast to it;
+    meant for float32 and float64, not autocast), or taken from an open shared_transforms
+    scope. With batch_grad, while grad is enabled, each step's filter gradient is added in
+    place into one total as backward meets the step, and the total is handed to autograd
+    once, when backward reaches the filter: no per-step gradient tensor and no sum of them.
+    (Stacking all the steps' tiles for one product instead measured slower: the
+    concatenation costs more than the product saves.)"""
 
     def __init__(
         self,
@@ -375,18 +449,24 @@ class WinogradSequence:
         bias: Tensor | None,
         batch_grad: bool = True,
         transformed: Tensor | None = None,
+        channels: tuple[int, int] | None = None,
     ) -> None:
-        """`transformed`: transform_weight(weight), made already (kept_transform); weight is
-        then read only for its filter size."""
-        v = transform_weight(weight) if transformed is None else transformed
-        self.tape = None
-        if batch_grad and torch.is_grad_enabled() and v.requires_grad:
-            self.tape = StepTape(_filter_grad, fold=_fold_filter_grad)
-            (v,) = share(self.tape, v)
-        self.v, self.bias, self.kernel_size = v, bias, weight.shape[-1]
+        """`transformed`: transform_weight(weight), made already (kept_transform), used as
+        it is; `channels` (lo, hi): a range of the weight's input channels."""
+        if transformed is None:
+            v, self.tape = _transform(weight, batch_grad)
+        else:
+            v, self.tape = transformed, None
+        whole = (0, weight.shape[1])
+        self.channels = whole if channels is None else tuple(channels)
+        lo, hi = self.channels
+        if not 0 <= lo < hi <= whole[1]:
+            raise ValueError(f"channels {self.channels} are not a range of 0..{whole[1]}")
+        self.v = v if self.channels == whole else v[:, lo:hi]
+        self.bias, self.kernel_size = bias, weight.shape[-1]
 
     def __call__(self, x: Tensor) -> Tensor:
         x = x.to(self.v.dtype)
         _check(x, self.v, self.kernel_size)
-        y = _WinogradConv.apply(x, self.v, self.tape, _TILE[self.kernel_size])
+        y = _WinogradConv.apply(x, self.v, self.tape, _TILE[self.kernel_size], self.channels)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)

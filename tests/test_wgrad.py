@@ -11,7 +11,7 @@ from convlstm.config import ModelConfig
 from convlstm.errors import ConfigError
 from convlstm.models import build_model
 from convlstm.speed import SpeedOptions, apply_speed
-from convlstm.wgrad import StepTape, WeightGradBatch
+from convlstm.wgrad import WeightGradBatch
 from tests.test_speed import CONVLSTM_CASES, assert_fast_equals_eager, convlstm_config
 
 
@@ -173,24 +173,3 @@ def test_no_batch_without_grad_and_the_scope_always_closes():
 def test_batched_weight_gradients_refuse_checkpointing():
     with pytest.raises(ConfigError, match="batched_wgrad .* checkpointing"):
         SpeedOptions(batched_wgrad=True, checkpointing=True)
-
-
-def test_a_folding_tape_adds_each_step_in_turn_and_hands_the_total_over_once(monkeypatch):
-    seen = []
-
-    def fold(total, first, second):
-        seen.append((total is None, first.requires_grad))
-        return first * second if total is None else total + first * second
-
-    tape = StepTape(lambda tape: (tape.take_total(),), fold=fold)
-    assert not tape.kept
-    tape.keep(None, torch.ones(1), torch.ones(1))  # nothing needs the shared parameters
-    assert not tape.kept and seen == []
-    monkeypatch.setattr(torch._C, "_will_engine_execute_node", lambda node: True)
-    head = object()  # stands for the shared parameters' node, which this backward reaches
-    tape.keep(head, torch.tensor([2.0], requires_grad=True), torch.tensor([3.0]))
-    tape.keep(head, torch.tensor([4.0]), torch.tensor([5.0]))
-    assert seen == [(True, False), (False, False)]  # detached, the first starts the total
-    assert tape.kept and tape.firsts == []  # folded, not kept
-    assert tape.finish(tape)[0].item() == 26.0
-    assert not tape.kept and tape.take_total() is None

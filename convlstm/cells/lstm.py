@@ -102,19 +102,27 @@ class ConvLSTMCell(RecurrentCell):
     def open_sequence(self) -> Conv | None:
         """The gate convolution for the steps of one sequence (see sequence_scope), or None
         for the plain self.conv."""
-        if self.winograd_now() or (self.batched_wgrad and torch.is_grad_enabled()):
-            return self._sequence_conv(self.conv.weight, self.conv.bias, batch=True)
+        if self.winograd_now():
+            return self._winograd(self.conv.bias)
+        if self.batched_wgrad and torch.is_grad_enabled():
+            return self._sequence_conv(self.conv.weight, self.conv.bias)
         return None
 
     def step_convs(self) -> Conv:
         return winograd.step_conv(self.conv)
 
-    def _sequence_conv(self, weight: Tensor, bias: Tensor | None, batch: bool) -> Conv:
-        """x -> W * x + b for one sequence, the per-sequence work done here once: the Winograd
-        transform of W, or (batch) the bookkeeping of a batched weight gradient (for Winograd,
-        made in its domain; not with checkpointing, whose memory saving it would undo)."""
-        if self.winograd_now():
-            return WinogradSequence(weight, bias, batch_grad=batch and not self.checkpointing)
+    def _winograd(self, bias: Tensor | None, channels: tuple[int, int] | None = None) -> Conv:
+        """x -> W[:, lo:hi] * x + b by Winograd for one sequence (channels (lo, hi), all by
+        default), the filter transformed once (or taken from an open shared_transforms
+        scope), its gradient folded in its domain (not with checkpointing: autograd sums the
+        steps' gradients, recomputed in backward, itself)."""
+        return WinogradSequence(
+            self.conv.weight, bias, batch_grad=not self.checkpointing, channels=channels
+        )
+
+    def _sequence_conv(self, weight: Tensor, bias: Tensor | None, batch: bool = True) -> Conv:
+        """x -> W * x + b for one sequence, with (batch, and batched_wgrad while grad is
+        enabled) the weight gradient batched over the steps."""
         if batch and self.batched_wgrad and torch.is_grad_enabled():
             return WeightGradBatch(weight, bias, self.kernel_size // 2).conv
         return lambda x: F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
@@ -124,7 +132,13 @@ class ConvLSTMCell(RecurrentCell):
     def split_weights(self) -> tuple[Conv, Conv]:
         """(W_x * . + b, W_h * .), made once per sequence: W_x and W_h dense, in the autocast
         dtype if autocast is on (so the per-step convolutions neither copy nor cast them),
-        Winograd-transformed with `winograd`; W_h's gradient batched with `batched_wgrad`."""
+        Winograd-transformed with `winograd` (one transform of W for both, shared with the
+        forecast steps' W inside a winograd.shared_transforms scope); W_h's gradient batched
+        with `batched_wgrad`."""
+        if self.winograd_now():
+            n, c = self.in_channels, self.conv.weight.shape[1]
+            with winograd.shared_transforms():  # one transform serves both parts
+                return self._winograd(self.conv.bias, (0, n)), self._winograd(None, (n, c))
         weight = self.conv.weight
         kind = weight.device.type
         if torch.is_autocast_enabled(kind):
