@@ -5,10 +5,12 @@ with the system's C compiler; and glibc's malloc told to keep freed memory.
 
 The library is built once per source, compiler and CPU into the cache folder
 ($CONVLSTM_CACHE_DIR, else $XDG_CACHE_HOME/convlstm, else ~/.cache/convlstm) and loaded with
-ctypes: there is nothing to build at install time and no tie to PyTorch's C++ ABI. The
-kernels run on the calling thread. Where no compiler works (none installed, a broken $CC)
-load returns None after one warning, and with CONVLSTM_NATIVE=0 without one; the callers
-then run their PyTorch code, which computes the same thing.
+ctypes: there is nothing to build at install time and no tie to PyTorch's C++ ABI. Kernels
+with OpenMP loops are linked against the OpenMP runtime PyTorch loaded, so that they share
+its threads (and torch.set_num_threads); without one, they run on the calling thread.
+Where no compiler works (none installed, a broken $CC) load returns None after one
+warning, and with CONVLSTM_NATIVE=0 without one; the callers then run their PyTorch code,
+which computes the same thing.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-# tried in order: the first that compiles is used
+# tried in order: the first that compiles is used; OpenMP only with a runtime to share
 FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+OPENMP_FLAGS = ("-O3", "-march=native", "-fopenmp", "-Wl,--as-needed")
 COMPILE_TIMEOUT_S = 120
+# OpenMP runtimes whose GOMP_* entry points GCC's -fopenmp code calls: GNU's, Intel's, LLVM's
+_OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
 
 
 def cache_dir() -> Path:
@@ -55,12 +60,38 @@ def _cpu() -> str:
         return platform.processor()
 
 
+def openmp_runtime() -> str | None:
+    """The file of the OpenMP runtime this process has loaded (PyTorch's: the one whose
+    threads run its CPU operators), or None (none loaded, or no /proc to tell)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        name = os.path.basename(fields[5]) if len(fields) == 6 else ""
+        if name.startswith(_OPENMP_RUNTIMES) and ".so" in name:
+            return fields[5]
+    return None
+
+
+def flag_sets() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(flags, libraries) to try, in order. First OpenMP, linked against PyTorch's own
+    runtime (so the kernels' parallel loops run on PyTorch's threads: a second runtime's
+    threads would spin against them for the same cores; --as-needed drops the compiler's own
+    -lgomp), where PyTorch has one loaded."""
+    import torch  # noqa: F401  (loads PyTorch's runtime, if it has one, before we look)
+
+    runtime = openmp_runtime()
+    return [*([(OPENMP_FLAGS, (runtime,))] if runtime else []), *((f, ()) for f in FLAG_SETS)]
+
+
 def _build(source: Path, cc: str) -> Path:
     """Compile `source` (cached); raises RuntimeError with the compiler's complaint."""
     text = source.read_bytes()
     errors = []
-    for flags in FLAG_SETS:
-        what = [cc, " ".join(flags), platform.machine(), _cpu()]
+    for flags, libraries in flag_sets():
+        what = [cc, " ".join(flags + libraries), platform.machine(), _cpu()]
         key = hashlib.sha256(b"\0".join([text, *(part.encode() for part in what)]))
         target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
         if target.exists():
@@ -70,7 +101,7 @@ def _build(source: Path, cc: str) -> Path:
         os.close(fd)
         try:
             run = subprocess.run(
-                [*shlex.split(cc), *flags, "-shared", "-fPIC", str(source), "-o", tmp],
+                [*shlex.split(cc), *flags, "-shared", "-fPIC", str(source), *libraries, "-o", tmp],
                 capture_output=True,
                 text=True,
                 timeout=COMPILE_TIMEOUT_S,

@@ -123,3 +123,39 @@ def test_cc_may_be_a_command_line(cache, monkeypatch):
     _compiler_or_skip()
     monkeypatch.setenv("CC", f"{native.compiler()} -Wall")
     assert native.load("tiles") is not None
+
+
+def _mapped_openmp_runtimes() -> set[str]:
+    with open("/proc/self/maps") as maps:
+        fields = [line.split(maxsplit=5) for line in maps]
+    paths = {f[5].strip() for f in fields if len(f) == 6}
+    return {p for p in paths if p.rsplit("/", 1)[-1].startswith(("libgomp", "libiomp5", "libomp"))}
+
+
+def test_the_tile_kernels_run_on_pytorchs_openmp_threads(cache):
+    """Linked against the OpenMP runtime PyTorch loaded, not a second one whose threads would
+    spin against PyTorch's for the same cores."""
+    _compiler_or_skip()
+    runtime = native.openmp_runtime()
+    if runtime is None:
+        pytest.skip("PyTorch has no OpenMP runtime loaded here")
+    before = _mapped_openmp_runtimes()
+    assert runtime in before
+    flags, libraries = native.flag_sets()[0]
+    assert "-fopenmp" in flags and libraries == (runtime,)
+    assert native.load("tiles") is not None
+    from convlstm import winograd
+
+    winograd._input_tiles(torch.randn(4, 64, 16, 16), 6)  # large enough to fork
+    assert _mapped_openmp_runtimes() == before
+
+
+def test_without_an_openmp_runtime_or_where_openmp_fails_the_kernels_build_without(
+    cache, monkeypatch
+):
+    _compiler_or_skip()
+    monkeypatch.setattr(native, "openmp_runtime", lambda: None)
+    assert native.flag_sets() == [(flags, ()) for flags in native.FLAG_SETS]
+    monkeypatch.setattr(native, "openmp_runtime", lambda: "/nonexistent/libgomp.so.1")
+    assert native.load("tiles") is not None  # the OpenMP build failed: the next flags built
+    assert len(list(cache.iterdir())) == 1

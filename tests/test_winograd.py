@@ -36,7 +36,16 @@ def transforms(request, monkeypatch):
     return request.param
 
 
-TRANSFORM_SHAPES = [(2, 3, 8, 8), (3, 5, 7, 10), (1, 4, 1, 2), (2, 17, 5, 5), (0, 3, 4, 4)]
+# the last two touch over 2^16 tile elements: the C kernels split them between threads
+TRANSFORM_SHAPES = [
+    (2, 3, 8, 8),
+    (3, 5, 7, 10),
+    (1, 4, 1, 2),
+    (2, 17, 5, 5),
+    (0, 3, 4, 4),
+    (3, 40, 13, 18),
+    (1, 64, 16, 16),
+]
 
 
 @pytest.mark.parametrize("shape", TRANSFORM_SHAPES)
@@ -66,6 +75,33 @@ def test_c_tile_transforms_equal_the_pytorch_ones(shape, dtype, tile, monkeypatc
         assert got[name].shape == expected.shape, name
         atol = rtol * max(1.0, expected.abs().max().item()) if expected.numel() else rtol
         torch.testing.assert_close(got[name], expected, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("tile", [6, 8], ids=["3x3", "5x5"])
+def test_c_tile_transforms_give_the_same_bits_on_one_thread_and_on_two(tile):
+    """Every output is made by one thread in one order, however the tiles are split."""
+    _c_kernels_or_skip()
+    torch.manual_seed(0)
+    shape = (3, 40, 13, 18)
+    n, c, h, w = shape
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    m = torch.randn(tile * tile, n * 4 * 5, c)
+    calls = [
+        (winograd._input_tiles, (x, tile)),
+        (winograd._output_from, (m, n, h, w, tile)),
+        (winograd._grad_tiles, (x, tile)),
+        (winograd._input_grad, (m, shape, tile)),
+    ]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append([fn(*args) for fn, args in calls])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("a", [6, 8])
