@@ -9,7 +9,8 @@
      dc = dc_total f
    Tensors are dense, all in one layout: NCHW (nhwc = 0) or channels-last (nhwc = 1). The
    four-gate tensors a and dz have 4 * ch channels, gate k in channels k ch .. (k + 1) ch - 1;
-   the others have ch. */
+   the others have ch. Calls of at least 2^16 elements split the images and rows between
+   OpenMP threads, PyTorch's own (see convlstm/tiles.c): each element is computed alike. */
 
 #define DEFINE_BACKWARD(T, S)                                                                 \
 void lstm_backward_##S(const T *restrict a, const T *restrict c, const T *restrict t,         \
@@ -18,6 +19,7 @@ void lstm_backward_##S(const T *restrict a, const T *restrict c, const T *restri
     /* element (image b, channel k, pixel p) of a ch-channel tensor, and the stride from one  \
        gate to the next in the four-gate ones */                                              \
     long outer = nhwc ? hw : ch, inner = nhwc ? ch : hw, gate = nhwc ? ch : ch * hw;          \
+    _Pragma("omp parallel for collapse(2) schedule(static) if (n * 4 * ch * hw >= 65536)")    \
     for (long b = 0; b < n; b++)                                                              \
         for (long q = 0; q < outer; q++) {                                                    \
             long one = (b * outer + q) * inner;                                               \

@@ -31,12 +31,16 @@ def _outputs_and_grads(fn, z, c, more):
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("with_more", [False, True])
-def test_equals_the_eager_update(update, dtype, tol, channels_last, with_more):
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 3, 5), (3, 24, 16, 17)], ids=["small", "threaded"]
+)  # (B, C, H, W) of c; the second is over 2^16 gate elements: split between threads
+def test_equals_the_eager_update(update, dtype, tol, channels_last, with_more, shape):
     torch.manual_seed(0)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    z = torch.randn(2, 12, 3, 5, dtype=dtype).contiguous(memory_format=layout)
-    c = torch.randn(2, 3, 3, 5, dtype=dtype)  # the other layout when z is channels-last
-    more = torch.randn(2, 12, 3, 5, dtype=dtype) if with_more else None
+    b, ch, h, w = shape
+    z = torch.randn(b, 4 * ch, h, w, dtype=dtype).contiguous(memory_format=layout)
+    c = torch.randn(shape, dtype=dtype)  # the other layout when z is channels-last
+    more = torch.randn(b, 4 * ch, h, w, dtype=dtype) if with_more else None
     leaves = [t.requires_grad_() for t in (z, c, more) if t is not None]
     got = _outputs_and_grads(update, z, c, more)
     expected = _outputs_and_grads(lstm_update, z, c, more)
