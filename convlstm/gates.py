@@ -180,6 +180,8 @@ def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
         return None
 
     def update(z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if not torch.is_grad_enabled():  # no backward: nothing to save
+            return lstm_update(z, c, z_more)
         kernel = None
         gates = z.dim() == 4 and z.shape[1] % 4 == 0
         # the C pass takes every tensor at full size: no broadcasting (the eager update does)
@@ -188,7 +190,7 @@ def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
         if z.device.type == "cpu" and full and c.dtype == z.dtype and same:
             suffix = _NATIVE_DTYPES.get(z.dtype)
             kernel = None if suffix is None else _native_backward(suffix)
-        if kernel is None or not torch.is_grad_enabled():  # no backward: nothing to save
+        if kernel is None:
             return lstm_update(z, c, z_more)
         return _NativeUpdate.apply(z, c, z_more, kernel)
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from convlstm.cells import ConvLSTMCell, make_cell
+from convlstm.cells import CELLS, ConvLSTMCell, make_cell
 from convlstm.errors import ConfigError, ShapeError
 from tests import reference as ref
 
@@ -82,3 +82,14 @@ def test_cell_without_input_runs_on_its_state_alone():
 def test_make_cell_rejects_unknown_names():
     with pytest.raises(ConfigError, match="unknown cell"):
         make_cell("lstm9000", in_channels=1, hidden_channels=1)
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+@pytest.mark.parametrize("in_channels", [0, 3])
+def test_first_parameter_is_the_first_of_parameters(name, in_channels):
+    """The cheap lookup the steps use (device, dtype, autocast) finds what parameters() does."""
+    cell = make_cell(name, in_channels=in_channels, hidden_channels=4, kernel_size=3)
+    assert cell.first_parameter() is next(cell.parameters())
+    if name == "convlstm":
+        peephole = make_cell(name, in_channels=3, hidden_channels=4, peephole="channel")
+        assert peephole.first_parameter() is next(peephole.parameters()) is peephole.w_ci

@@ -52,7 +52,7 @@ class RecurrentCell(nn.Module):
     ) -> tuple[Tensor, ...]:
         # States take the parameters' dtype, so under autocast they stay in float32 (the memory
         # accumulates over many steps) while the convolutions run in bf16 / fp16.
-        weight = next(self.parameters())
+        weight = self.first_parameter()
         shape = (batch, self.hidden_channels, height, width)
         device, dtype = device or weight.device, dtype or weight.dtype
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -66,25 +66,33 @@ class RecurrentCell(nn.Module):
         # the open sequence's convolutions, passed in, so that a checkpointed step recomputed
         # in backward (after the sequence closed) runs the same ones
         convs = self.sequence_conv
-        if (
-            convs is None
-            and self.winograd_now()
-            and not torch.is_grad_enabled()
-            and winograd.keeps_per_step(state[0], next(self.parameters()))
-        ):
-            convs = self.step_convs()  # inference one step at a time
+        if convs is None and self.winograd and not torch.is_grad_enabled():
+            weight = self.first_parameter()  # inference one step at a time:
+            if self.winograd_now(weight) and winograd.keeps_per_step(state[0], weight):
+                convs = self.step_convs()
         if convs is None:
             state = self.run_step(self.step, x, state)
         else:
             state = self.run_step(self.step, x, state, convs)
         return state[0], state
 
-    def winograd_now(self) -> bool:
+    def winograd_now(self, weight: Tensor | None = None) -> bool:
+        """Whether the convolutions run by Winograd now; `weight`: self.first_parameter(),
+        where the caller has it already."""
         # Winograd's transforms lose too much in bf16 / fp16: under autocast the convolutions
         # stay direct (and run in the autocast dtype, as asked)
         if not self.winograd:
             return False
-        return not torch.is_autocast_enabled(next(self.parameters()).device.type)
+        weight = self.first_parameter() if weight is None else weight
+        return not torch.is_autocast_enabled(weight.device.type)
+
+    def first_parameter(self) -> Tensor:
+        """next(self.parameters()), without the generators behind it: asked at every step,
+        where those cost about 35 us a cell (a tenth of a small model's streamed frame)."""
+        found = _first_parameter(self)
+        if found is None:
+            raise ValueError(f"{type(self).__name__} has no parameters")
+        return found
 
     def step_convs(self):
         """The cell's convolutions by Winograd for one step without autograd (winograd.step_conv),
@@ -132,6 +140,17 @@ class RecurrentCell(nn.Module):
 
     def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         raise NotImplementedError
+
+
+def _first_parameter(module: nn.Module) -> Tensor | None:
+    """The first of module.parameters(): its own in order, then its children's, depth first."""
+    for p in module._parameters.values():
+        if p is not None:
+            return p
+    for child in module._modules.values():
+        if child is not None and (p := _first_parameter(child)) is not None:
+            return p
+    return None
 
 
 @contextmanager
