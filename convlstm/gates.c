@@ -1,4 +1,6 @@
-/* The plain ConvLSTM update's backward, one pass: see convlstm/gates.py (native_lstm_update).
+/* The plain ConvLSTM update, forward and backward, one pass each: see convlstm/gates.py
+   (native_lstm_update), and for the forward's arithmetic convlstm/cells/lstm.py
+   (lstm_update). The forward saves the activations its backward reads.
 
    Given the saved activations a = [i, f, g, o] (sigmoid, sigmoid, tanh, sigmoid of the
    pre-activations), the old memory c, t = tanh(c') and the gradients of h' = o t and
@@ -11,6 +13,82 @@
    four-gate tensors a and dz have 4 * ch channels, gate k in channels k ch .. (k + 1) ch - 1;
    the others have ch. Calls of at least 2^16 elements split the images and rows between
    OpenMP threads, PyTorch's own (see convlstm/tiles.c): each element is computed alike. */
+
+#include <stdint.h>
+
+/* exp(x) - 1 and exp(x) without a libm call, so that GCC vectorises the loops that use them:
+   x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), e^r - 1 as its
+   Taylor series to r^7 (float; error below 1e-8 relative) or r^14 (double; below 1e-17),
+   times 2^n made from the exponent bits. x is clamped to where 2^n is a normal number
+   (e^x then saturates: the gates' sigmoid and tanh reach their limits long before). */
+static inline float expm1_f32(float x, float *e) {
+    x = x < -87.0f ? -87.0f : x; /* ternaries, not fminf: those GCC does not vectorise */
+    x = x > 88.0f ? 88.0f : x;
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* rounded: + 1.5 2^23 */
+    float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    float q = r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
+              + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    union { int32_t i; float f; } bits = {.i = ((int32_t)n + 127) << 23};
+    float scale = bits.f;
+    *e = scale * q + scale; /* e^x */
+    return scale * q + (scale - 1.0f);
+}
+
+static inline double expm1_f64(double x, double *e) {
+    x = x < -708.0 ? -708.0 : x;
+    x = x > 709.0 ? 709.0 : x;
+    double n = (x * 1.44269504088896338700 + 6755399441055744.0) - 6755399441055744.0;
+    double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+    double q = r * (1 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120
+               + r * (1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880
+               + r * (1.0 / 3628800 + r * (1.0 / 39916800 + r * (1.0 / 479001600
+               + r * (1.0 / 6227020800 + r * (1.0 / 87178291200.0))))))))))))));
+    union { int64_t i; double f; } bits = {.i = ((int64_t)n + 1023) << 52};
+    double scale = bits.f;
+    *e = scale * q + scale;
+    return scale * q + (scale - 1.0);
+}
+
+/* sigmoid(x) = 1 / (1 + e^-x); tanh(x) = m / (m + 2) with m = e^2x - 1, accurate near 0 */
+#define ACTIVATIONS(T, S)                                                                     \
+static inline T sigmoid_##S(T x) { T e; expm1_##S(-x, &e); return 1 / (1 + e); }              \
+static inline T tanh_##S(T x) { T e; T m = expm1_##S(2 * x, &e); return m / (m + 2); }
+
+/* The forward: z (+ z_more, which may be NULL) -> the activations a = [i, f, g, o], the new
+   memory c' = f c + i g, t = tanh(c') and h' = o t; layouts as for the backward below. */
+#define DEFINE_FORWARD(T, S)                                                                  \
+ACTIVATIONS(T, S)                                                                             \
+void lstm_forward_##S(const T *restrict z, const T *restrict zm, const T *restrict c,         \
+                      T *restrict a, T *restrict cn, T *restrict t, T *restrict h,            \
+                      long n, long ch, long hw, int nhwc) {                                   \
+    long outer = nhwc ? hw : ch, inner = nhwc ? ch : hw, gate = nhwc ? ch : ch * hw;          \
+    _Pragma("omp parallel for collapse(2) schedule(static) if (n * 4 * ch * hw >= 65536)")    \
+    for (long b = 0; b < n; b++)                                                              \
+        for (long q = 0; q < outer; q++) {                                                    \
+            long one = (b * outer + q) * inner;                                               \
+            long four = nhwc ? (b * hw + q) * 4 * ch : b * 4 * ch * hw + q * hw;              \
+            const T *zi = z + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;        \
+            T *ai = a + four, *af = ai + gate, *ag = af + gate, *ao = ag + gate;              \
+            if (zm) {                                                                         \
+                const T *mi = zm + four, *mf = mi + gate, *mg = mf + gate, *mo = mg + gate;   \
+                _Pragma("GCC ivdep") for (long k = 0; k < inner; k++) {                      \
+                    T i = sigmoid_##S(zi[k] + mi[k]), f = sigmoid_##S(zf[k] + mf[k]);         \
+                    T g = tanh_##S(zg[k] + mg[k]), o = sigmoid_##S(zo[k] + mo[k]);            \
+                    T cnew = f * c[one + k] + i * g, tk = tanh_##S(cnew);                     \
+                    ai[k] = i; af[k] = f; ag[k] = g; ao[k] = o;                               \
+                    cn[one + k] = cnew; t[one + k] = tk; h[one + k] = o * tk;                 \
+                }                                                                             \
+            } else {                                                                          \
+                _Pragma("GCC ivdep") for (long k = 0; k < inner; k++) {                      \
+                    T i = sigmoid_##S(zi[k]), f = sigmoid_##S(zf[k]);                         \
+                    T g = tanh_##S(zg[k]), o = sigmoid_##S(zo[k]);                            \
+                    T cnew = f * c[one + k] + i * g, tk = tanh_##S(cnew);                     \
+                    ai[k] = i; af[k] = f; ag[k] = g; ao[k] = o;                               \
+                    cn[one + k] = cnew; t[one + k] = tk; h[one + k] = o * tk;                 \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+}
 
 #define DEFINE_BACKWARD(T, S)                                                                 \
 void lstm_backward_##S(const T *restrict a, const T *restrict c, const T *restrict t,         \
@@ -26,7 +104,7 @@ void lstm_backward_##S(const T *restrict a, const T *restrict c, const T *restri
             long four = nhwc ? (b * hw + q) * 4 * ch : b * 4 * ch * hw + q * hw;              \
             const T *ai = a + four, *af = ai + gate, *ag = af + gate, *ao = ag + gate;        \
             T *zi = dz + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;             \
-            for (long k = 0; k < inner; k++) {                                                \
+            _Pragma("GCC ivdep") for (long k = 0; k < inner; k++) {                          \
                 T i = ai[k], f = af[k], g = ag[k], o = ao[k];                                 \
                 T tk = t[one + k], dhk = dh[one + k];                                         \
                 T total = dcn[one + k] + dhk * o * (1 - tk * tk);                             \
@@ -39,5 +117,7 @@ void lstm_backward_##S(const T *restrict a, const T *restrict c, const T *restri
         }                                                                                     \
 }
 
+DEFINE_FORWARD(float, f32)
+DEFINE_FORWARD(double, f64)
 DEFINE_BACKWARD(float, f32)
 DEFINE_BACKWARD(double, f64)

@@ -128,70 +128,83 @@ _NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
 @functools.cache
-def _native_backward(suffix: str):
+def _native_kernels(suffix: str) -> tuple | None:
+    """gates.c's (forward, backward) for a dtype suffix, or None (no C compiler)."""
     lib = native.load("gates")
     if lib is None:
         return None
-    fn = getattr(lib, f"lstm_backward_{suffix}")
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    fn.restype = None
-    return fn
+    kernels = (getattr(lib, f"lstm_forward_{suffix}"), getattr(lib, f"lstm_backward_{suffix}"))
+    for fn in kernels:
+        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        fn.restype = None
+    return kernels
+
+
+def _dense_layout(t: Tensor) -> torch.memory_format:
+    """channels-last where t is stored so (and not also contiguous), else contiguous."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class _NativeUpdate(torch.autograd.Function):
-    """lstm_update whose forward saves the gate activations and whose backward is one C pass
-    (convlstm/gates.c) writing dz in z's layout, instead of autograd's dozen kernels and the
-    concatenation of the four gate gradients."""
+    """lstm_update as two C passes (convlstm/gates.c): the forward saves the gate activations,
+    and the backward writes dz in z's layout, instead of autograd's dozen kernels each way and
+    the concatenation of the four gate gradients. The forward's sigmoid and tanh are gates.c's
+    own (vectorised, within a few units in the last place of PyTorch's)."""
 
     @staticmethod
-    def forward(ctx, z, c, z_more, kernel):
-        zz = z if z_more is None else z + z_more
-        act = torch.sigmoid(zz)  # i, f and o; g's quarter is replaced by its tanh
-        n = c.shape[1]
-        torch.tanh(zz[:, 2 * n : 3 * n], out=act[:, 2 * n : 3 * n])
-        i, f, g, o = act.chunk(4, dim=1)
-        c_new = torch.addcmul(f * c, i, g)
-        t = torch.tanh(c_new)
-        ctx.kernel, ctx.more = kernel, z_more is not None
+    def forward(ctx, z, c, z_more, kernels):
+        layout = _dense_layout(z)
+        z, c = z.contiguous(memory_format=layout), c.contiguous(memory_format=layout)
+        more = None if z_more is None else z_more.contiguous(memory_format=layout)
+        act = torch.empty_like(z)
+        c_new, t, h = (torch.empty_like(c) for _ in range(3))
+        b, ch, height, width = c.shape
+        tensors = (z, more, c, act, c_new, t, h)
+        nhwc = int(layout == torch.channels_last)
+        kernels[0](
+            *(None if x is None else x.data_ptr() for x in tensors), b, ch, height * width, nhwc
+        )
+        ctx.kernel, ctx.more = kernels[1], z_more is not None
         ctx.save_for_backward(act, c, t)
-        return o * t, c_new
+        return h, c_new
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dh, dc_new):
         act, c, t = ctx.saved_tensors
-        nhwc = not act.is_contiguous() and act.is_contiguous(memory_format=torch.channels_last)
-        layout = torch.channels_last if nhwc else torch.contiguous_format
-        act = act.contiguous(memory_format=layout)  # dense: already, unless z was strided
+        layout = _dense_layout(act)  # dense already: the forward made it
         c, t, dh, dc_new = (x.contiguous(memory_format=layout) for x in (c, t, dh, dc_new))
         dz, dc = torch.empty_like(act), torch.empty_like(c)
         b, ch, h, w = c.shape
         tensors = (act, c, t, dh, dc_new, dz, dc)
-        ctx.kernel(*(x.data_ptr() for x in tensors), b, ch, h * w, int(nhwc))
+        nhwc = int(layout == torch.channels_last)
+        ctx.kernel(*(x.data_ptr() for x in tensors), b, ch, h * w, nhwc)
         return dz, dc, dz if ctx.more else None, None
 
 
 def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
-    """`update(z, c, z_more=None) -> (h', c')`: lstm_update with the backward as one C kernel,
-    for float32 / float64 CPU tensors of one dtype and full shapes (anything else, e.g. a
-    broadcast c, and anything without grad, runs lstm_update); None where the C kernel can't
-    be built (no C compiler)."""
+    """`update(z, c, z_more=None) -> (h', c')`: lstm_update as one C kernel forward and one
+    backward (convlstm/gates.c), for float32 / float64 CPU tensors of one dtype and full
+    shapes (anything else, e.g. a broadcast c, and anything without grad, runs lstm_update);
+    None where the C kernels can't be built (no C compiler)."""
     if native.load("gates") is None:
         return None
 
     def update(z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not torch.is_grad_enabled():  # no backward: nothing to save
             return lstm_update(z, c, z_more)
-        kernel = None
+        kernels = None
         gates = z.dim() == 4 and z.shape[1] % 4 == 0
         # the C pass takes every tensor at full size: no broadcasting (the eager update does)
         full = gates and c.shape == (z.shape[0], z.shape[1] // 4, *z.shape[2:])
         same = z_more is None or (z_more.dtype == z.dtype and z_more.shape == z.shape)
         if z.device.type == "cpu" and full and c.dtype == z.dtype and same:
             suffix = _NATIVE_DTYPES.get(z.dtype)
-            kernel = None if suffix is None else _native_backward(suffix)
-        if kernel is None:
+            kernels = None if suffix is None else _native_kernels(suffix)
+        if kernels is None:
             return lstm_update(z, c, z_more)
-        return _NativeUpdate.apply(z, c, z_more, kernel)
+        return _NativeUpdate.apply(z, c, z_more, kernels)
 
     return update

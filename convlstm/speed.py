@@ -29,9 +29,10 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   keep the direct convolution. Turning it on also asks glibc's malloc to keep freed memory
   for reuse (convlstm.native.keep_freed_memory: process-wide), which the CPU fast path's
   large temporaries need to avoid fresh pages at every step.
-- native_gates: the plain ConvLSTM gate update with its backward as one C pass
-  (convlstm/gates.c; the forward saves the gate activations), for float32 / float64 on the
-  CPU, where autograd's version is a dozen small kernels and a concatenation.
+- native_gates: the plain ConvLSTM gate update, forward and backward, as one C pass each
+  (convlstm/gates.c; the forward saves the gate activations, its sigmoid and tanh within 2
+  eps of PyTorch's), for float32 / float64 on the CPU while training, where autograd's
+  version is a dozen small kernels each way and a concatenation.
 - checkpointing: each recurrent step is recomputed in backward instead of stored.
 """
 

@@ -5,7 +5,7 @@ float64."""
 import pytest
 import torch
 
-from convlstm import native
+from convlstm import gates, native
 from convlstm.cells.lstm import lstm_update
 from convlstm.errors import ConfigError
 from convlstm.gates import native_lstm_update
@@ -126,3 +126,40 @@ def test_native_gates_are_for_the_cpu_alone():
     with pytest.raises(ConfigError, match="native_gates is for the CPU"):
         SpeedOptions(native_gates=True).check(torch.device("cuda"))
     assert not SpeedOptions.for_path("fast", torch.device("cuda")).native_gates
+
+
+def _c_activations(z: torch.Tensor) -> torch.Tensor:
+    """gates.c's forward of z (4 gates of ch values each: i, f, g, o) with c = 0: the gate
+    activations, (4, ch)."""
+    forward, _ = gates._native_kernels(gates._NATIVE_DTYPES[z.dtype])
+    ch = z.numel() // 4
+    z = z.reshape(1, 4 * ch, 1, 1).contiguous()
+    c = torch.zeros(1, ch, 1, 1, dtype=z.dtype)
+    act = torch.empty_like(z)
+    c_new, t, h = (torch.empty_like(c) for _ in range(3))
+    z_ptr, *rest = (x.data_ptr() for x in (z, c, act, c_new, t, h))
+    forward(z_ptr, None, *rest, 1, ch, 1, 0)  # None: no z_more
+    return act.view(4, ch)
+
+
+@pytest.mark.parametrize("dtype, limit", [(torch.float32, 80.0), (torch.float64, 700.0)])
+def test_the_c_sigmoid_and_tanh_are_within_a_few_units_in_the_last_place(update, dtype, limit):
+    """Measured: at most 1.2 (sigmoid) and 1.8 (tanh) eps in float32, 1.9 and 2.0 in float64,
+    relative to PyTorch's float64 ones, over +-limit and densely near 0."""
+    x = torch.cat([torch.linspace(-limit, limit, 40_000), torch.linspace(-1, 1, 40_000)])
+    x = x.double().to(dtype)
+    act = _c_activations(x.repeat(4)).double()
+    eps = torch.finfo(dtype).eps
+    for k, fn in enumerate((torch.sigmoid, torch.sigmoid, torch.tanh, torch.sigmoid)):
+        expected = fn(x.double())
+        error = ((act[k] - expected).abs() / expected.abs().clamp_min(1e-300)).max() / eps
+        assert error < 3, (k, error.item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_c_activations_saturate_and_keep_nans(update, dtype):
+    act = _c_activations(torch.tensor([-1e4, 1e4, float("nan")], dtype=dtype).repeat(4))
+    tiny = torch.finfo(dtype).tiny * 2  # sigmoid(-1e4): e^x is clamped at the smallest normal
+    assert (act[[0, 1, 3], 0] < tiny).all() and act[2, 0].item() == -1.0
+    assert act[:, 1].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert act[:, 2].isnan().all()
