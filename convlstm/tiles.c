@@ -124,22 +124,23 @@ static inline void b8_##S(T *const *o, const T *const *in, long c, int add) {   
     }                                                                                          \
 }                                                                                              \
                                                                                                \
-static inline void at6_##S(T *const *o, const T *const *in, long c) {                          \
-    IN6(T) OUT4(T)                                                                             \
+static inline void at6_##S(T *const *o, const T *const *in, long c, const T *bias) {         \
+    IN6(T) OUT4(T) const T *restrict bs = bias;                                                \
     LOOP {                                                                                     \
         T s = i1[k] + i2[k], d = i1[k] - i2[k], s2 = i3[k] + i4[k], d2 = i3[k] - i4[k];        \
-        o0[k] = i0[k] + s + s2; o1[k] = d + 2 * d2; o2[k] = s + 4 * s2;                        \
-        o3[k] = d + 8 * d2 + i5[k];                                                            \
+        o0[k] = i0[k] + s + s2 + bs[k]; o1[k] = d + 2 * d2 + bs[k];                            \
+        o2[k] = s + 4 * s2 + bs[k]; o3[k] = d + 8 * d2 + i5[k] + bs[k];                        \
     }                                                                                          \
 }                                                                                              \
                                                                                                \
-static inline void at8_##S(T *const *o, const T *const *in, long c) {                          \
-    IN8(T) OUT4(T)                                                                             \
+static inline void at8_##S(T *const *o, const T *const *in, long c, const T *bias) {         \
+    IN8(T) OUT4(T) const T *restrict bs = bias;                                                \
     LOOP {                                                                                     \
         T s = i1[k] + i2[k], d = i1[k] - i2[k], s2 = i3[k] + i4[k], d2 = i3[k] - i4[k];        \
         T sh = i5[k] + i6[k], dh = i5[k] - i6[k];                                              \
-        o0[k] = i0[k] + s + s2 + sh; o1[k] = d + 2 * d2 + (T)0.5 * dh;                         \
-        o2[k] = s + 4 * s2 + (T)0.25 * sh; o3[k] = d + 8 * d2 + (T)0.125 * dh + i7[k];         \
+        o0[k] = i0[k] + s + s2 + sh + bs[k]; o1[k] = d + 2 * d2 + (T)0.5 * dh + bs[k];         \
+        o2[k] = s + 4 * s2 + (T)0.25 * sh + bs[k];                                             \
+        o3[k] = d + 8 * d2 + (T)0.125 * dh + i7[k] + bs[k];                                    \
     }                                                                                          \
 }                                                                                              \
                                                                                                \
@@ -176,8 +177,8 @@ static inline void b_##S(T *const *o, const T *const *in, long c, int add, long 
     if (a == 6) b6_##S(o, in, c, add); else b8_##S(o, in, c, add);                             \
 }                                                                                              \
                                                                                                \
-static inline void at_##S(T *const *o, const T *const *in, long c, long a) {                   \
-    if (a == 6) at6_##S(o, in, c); else at8_##S(o, in, c);                                     \
+static inline void at_##S(T *const *o, const T *const *in, long c, long a, const T *bias) {    \
+    if (a == 6) at6_##S(o, in, c, bias); else at8_##S(o, in, c, bias);                         \
 }                                                                                              \
                                                                                                \
 static inline void a_##S(T *const *o, const T *const *in, long c, long a) {                    \
@@ -222,21 +223,25 @@ int input_tiles_##S(const T *x, T *u, long n, long h, long w, long c, long a) { 
     return failed;                                                                             \
 }                                                                                              \
                                                                                                \
-/* products v (a * a, tiles, c) -> y NHWC = A^T v A for each tile, cut to the image */         \
-int output_from_##S(const T *v, T *y, long n, long h, long w, long c, long a) {                \
+/* products v (a * a, tiles, c) -> y NHWC = A^T v A (+ bias, c values, unless NULL) for each  \
+   tile, cut to the image */                                                                   \
+int output_from_##S(const T *v, T *y, long n, long h, long w, long c, long a, const T *bias) {  \
     TILING                                                                                     \
     int failed = 0;                                                                            \
     PARALLEL(tiles * a * a * c)                                                                \
     {                                                                                          \
-        T *r = malloc(sizeof(T) * (M * a + M) * (c + 1)), *sink = r + M * a * c;               \
+        T *r = malloc(sizeof(T) * (M * a + M + 1) * (c + 1)), *sink = r + M * a * c;           \
+        T *zero = sink + M * c;                                                                \
         failed |= !r;                                                                          \
+        if (r) memset(zero, 0, sizeof(T) * c);                                                 \
+        const T *shift = bias ? bias : zero;                                                   \
         FOR_TILES if (r) {                                                                     \
             long img = t / (th * tw), y0 = M * ((t / tw) % th), x0 = M * (t % tw);             \
             for (int q = 0; q < a; q++) { /* r[i][q] = sum_p A^T[i][p] v[a p + q] */           \
                 const T *in[8]; T *o[M];                                                       \
                 for (int p = 0; p < a; p++) in[p] = v + ((a * p + q) * tiles + t) * c;         \
                 for (int i = 0; i < M; i++) o[i] = r + (a * i + q) * c;                        \
-                at_##S(o, in, c, a);                                                           \
+                at_##S(o, in, c, a, zero);                                                     \
             }                                                                                  \
             for (int i = 0; i < M; i++) { /* along row i, into the image (or the sink) */      \
                 const T *in[8]; T *o[M];                                                       \
@@ -246,7 +251,7 @@ int output_from_##S(const T *v, T *y, long n, long h, long w, long c, long a) { 
                     long xx = x0 + j;                                                          \
                     o[j] = yy < h && xx < w ? y + ((img * h + yy) * w + xx) * c : sink + j * c; \
                 }                                                                              \
-                at_##S(o, in, c, a);                                                           \
+                at_##S(o, in, c, a, shift);                                                    \
             }                                                                                  \
         }                                                                                      \
         free(r);                                                                               \

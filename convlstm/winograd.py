@@ -166,7 +166,8 @@ def _c_function(name: str, suffix: str):
     if lib is None:
         return None
     fn = getattr(lib, f"{name}_{suffix}")
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 5
+    bias = [ctypes.c_void_p] if name == "output_from" else []  # its optional bias
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 5 + bias
     fn.restype = ctypes.c_int
     return fn
 
@@ -179,22 +180,25 @@ def _kernel(name: str, t: Tensor):
     return _c_function(name, _SUFFIX[t.dtype])
 
 
-def _run(fn, src: Tensor, dst: Tensor, n: int, h: int, w: int, c: int, a: int) -> None:
-    status = fn(src.data_ptr(), dst.data_ptr(), n, h, w, c, a)
+def _run(fn, src: Tensor, dst: Tensor, n: int, h: int, w: int, c: int, a: int, *more) -> None:
+    status = fn(src.data_ptr(), dst.data_ptr(), n, h, w, c, a, *more)
     if status == 1:
         raise MemoryError("winograd: the C tile transform could not allocate its scratch")
     if status != 0:
         raise ValueError(f"winograd: the C tile transforms take input tiles of 6 or 8, not {a}")
 
 
-def _in_c(name, src: Tensor, shape, n, h, w, c, a, dense=Tensor.contiguous) -> Tensor | None:
-    """tiles.c's `name` from `src` (made dense by `dense`) into a new tensor of `shape`, or
-    None where there is no C kernel for src (the caller's PyTorch code runs then)."""
+def _in_c(
+    name, src: Tensor, shape, n, h, w, c, a, dense=Tensor.contiguous, more=()
+) -> Tensor | None:
+    """tiles.c's `name` from `src` (made dense by `dense`) into a new tensor of `shape` (`more`:
+    its further arguments), or None where there is no C kernel for src (the caller's PyTorch
+    code runs then)."""
     fn = _kernel(name, src)
     if fn is None:
         return None
     out = src.new_empty(shape)
-    _run(fn, dense(src), out, n, h, w, c, a)
+    _run(fn, dense(src), out, n, h, w, c, a, *more)
     return out
 
 
@@ -220,16 +224,22 @@ def _input_tiles(x: Tensor, a: int) -> Tensor:
     return _both_axes(b, tiles).view(a * a, n * th * tw, c)
 
 
-def _output_from(prod: Tensor, n: int, h: int, w: int, a: int) -> Tensor:
-    """Winograd-domain products (a * a, N*th*tw, C_out) -> y (N, C_out, H, W), channels-last."""
+def _output_from(prod: Tensor, n: int, h: int, w: int, a: int, bias: Tensor | None = None):
+    """Winograd-domain products (a * a, N*th*tw, C_out) -> y (N, C_out, H, W), channels-last,
+    plus bias (C_out) if given: added in the same pass in C (one pass over y less)."""
     c_out = prod.shape[-1]
-    y = _in_c("output_from", prod, (n, h, w, c_out), n, h, w, c_out, a)
+    if bias is not None:
+        bias = bias.to(prod.dtype).contiguous()
+    more = (None if bias is None else bias.data_ptr(),)
+    y = _in_c("output_from", prod, (n, h, w, c_out), n, h, w, c_out, a, more=more)
     if y is not None:
         return y.permute(0, 3, 1, 2)
     _, _, at = _matrices(prod.dtype, prod.device, a)
     th, tw = _tiles((h, w))
     y = _both_axes(at, prod.reshape(a, a, -1)).view(M, M, n, th, tw, c_out)
     y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, th * M, tw * M, c_out)  # NHWC, one copy
+    if bias is not None:
+        y += bias
     return y[:, :h, :w].permute(0, 3, 1, 2)
 
 
@@ -317,13 +327,13 @@ class FilterTape:
 
 class _WinogradConv(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, v: Tensor, tape: FilterTape | None, a: int, channels) -> Tensor:
+    def forward(ctx, x: Tensor, v: Tensor, tape: FilterTape | None, a: int, channels, bias):
         u = _input_tiles(x, a)
         ctx.save_for_backward(u, v)
         ctx.shape, ctx.a = tuple(x.shape), a
         ctx.tape, ctx.channels = tape, channels
         ctx.head = v.grad_fn if tape is not None else None
-        return _output_from(torch.bmm(u, v), x.shape[0], x.shape[2], x.shape[3], a)
+        return _output_from(torch.bmm(u, v), x.shape[0], x.shape[2], x.shape[3], a, bias)
 
     @staticmethod
     @once_differentiable
@@ -331,14 +341,16 @@ class _WinogradConv(Function):
         refuse_second_order(grad, "winograd")
         u, v = ctx.saved_tensors
         dm = _grad_tiles(grad, ctx.a)
-        dx = dv = None
+        dx = dv = db = None
+        if ctx.needs_input_grad[5]:
+            db = grad.sum((0, 2, 3))
         if ctx.needs_input_grad[0]:
             dx = _input_grad(torch.bmm(dm, v.transpose(1, 2)), ctx.shape, ctx.a)
         if ctx.tape is not None:
             ctx.tape.keep(ctx.head, u, dm, ctx.channels)  # folded into the filter gradient
         elif ctx.needs_input_grad[1]:
             dv = torch.bmm(u.transpose(1, 2), dm)
-        return dx, dv, None, None, None
+        return dx, dv, None, None, None, db
 
 
 def _check(x: Tensor, v: Tensor, kernel_size: int) -> None:
@@ -357,8 +369,7 @@ def winograd_conv(x: Tensor, v: Tensor, kernel_size: int, bias: Tensor | None = 
     weight (C_out, C_in, kernel_size, kernel_size), kernel_size 3 or 5; x (N, C_in, H, W) of
     v's dtype; returns (N, C_out, H, W), channels-last."""
     _check(x, v, kernel_size)
-    y = _WinogradConv.apply(x, v, None, _TILE[kernel_size], None)
-    return y if bias is None else y + bias.view(1, -1, 1, 1)
+    return _WinogradConv.apply(x, v, None, _TILE[kernel_size], None, bias)
 
 
 def sequence_conv(conv: torch.nn.Conv2d, batch_grad: bool = True) -> WinogradSequence:
@@ -468,5 +479,5 @@ class WinogradSequence:
     def __call__(self, x: Tensor) -> Tensor:
         x = x.to(self.v.dtype)
         _check(x, self.v, self.kernel_size)
-        y = _WinogradConv.apply(x, self.v, self.tape, _TILE[self.kernel_size], self.channels)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        a = _TILE[self.kernel_size]
+        return _WinogradConv.apply(x, self.v, self.tape, a, self.channels, self.bias)

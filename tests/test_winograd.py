@@ -59,22 +59,24 @@ def test_c_tile_transforms_equal_the_pytorch_ones(shape, dtype, tile, monkeypatc
     grad = torch.randn(n, c, h, w, dtype=dtype)  # contiguous NCHW: the kernel needs a copy
     th, tw = winograd._tiles(shape)
     m = torch.randn(n * th * tw, tile * tile, c, dtype=dtype).transpose(0, 1)  # not contiguous
+    bias = torch.randn(c, dtype=dtype)
     calls = [
         ("_input_tiles", (x, tile)),
         ("_output_from", (m, n, h, w, tile)),
+        ("_output_from", (m, n, h, w, tile, bias)),
         ("_grad_tiles", (grad, tile)),
         ("_input_grad", (m, shape, tile)),
     ]
-    got = {name: getattr(winograd, name)(*args) for name, args in calls}
+    got = [getattr(winograd, name)(*args) for name, args in calls]
     monkeypatch.setattr(winograd, "_kernel", lambda name, t: None)
     # float32: the two round differently (8x8 tiles sum 8 terms of up to 5.25x each), so
     # within float32's rounding of the largest value, not of each
     rtol = 1e-12 if dtype == torch.float64 else 1e-6
-    for name, args in calls:
+    for (name, args), result in zip(calls, got, strict=True):
         expected = getattr(winograd, name)(*args)
-        assert got[name].shape == expected.shape, name
+        assert result.shape == expected.shape, name
         atol = rtol * max(1.0, expected.abs().max().item()) if expected.numel() else rtol
-        torch.testing.assert_close(got[name], expected, rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(result, expected, rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("tile", [6, 8], ids=["3x3", "5x5"])
@@ -134,9 +136,11 @@ def test_a_kernel_that_cannot_allocate_raises():
 def test_the_c_kernels_refuse_a_tile_size_they_do_not_have():
     _c_kernels_or_skip()
     x = torch.zeros(1, 4, 4, 1)
-    for tile in (1, 4, 7):
-        with pytest.raises(ValueError, match=f"input tiles of 6 or 8, not {tile}"):
-            winograd._run(winograd._kernel("output_from", x), x, x, 1, 4, 4, 1, tile)
+    for name in ("input_tiles", "output_from", "grad_tiles", "input_grad"):
+        more = (None,) if name == "output_from" else ()  # output_from's bias
+        for tile in (1, 4, 7):
+            with pytest.raises(ValueError, match=f"input tiles of 6 or 8, not {tile}"):
+                winograd._run(winograd._kernel(name, x), x, x, 1, 4, 4, 1, tile, *more)
 
 
 @pytest.mark.parametrize(
