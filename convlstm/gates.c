@@ -18,17 +18,18 @@
 
 /* exp(x) - 1 and exp(x) without a libm call, so that GCC vectorises the loops that use them:
    x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), e^r - 1 as its
-   Taylor series to r^7 (float; error below 1e-8 relative) or r^14 (double; below 1e-17),
+   Taylor series to r^7 (float; error about 2e-8 relative) or r^14 (double; below 1e-17),
    times 2^n made from the exponent bits. x is clamped to where 2^n is a normal number
    (e^x then saturates: the gates' sigmoid and tanh reach their limits long before). */
 static inline float expm1_f32(float x, float *e) {
     x = x < -87.0f ? -87.0f : x; /* ternaries, not fminf: those GCC does not vectorise */
-    x = x > 88.0f ? 88.0f : x;
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* rounded: + 1.5 2^23 */
+    x = x > 88.0f ? 88.0f : x;   /* a NaN stays: it reaches the result through r */
+    float xn = x == x ? x : 0.0f; /* n from a number, so that its conversion is defined */
+    float n = (xn * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* rounded: + 1.5 2^23 */
     float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
     float q = r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
               + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    union { int32_t i; float f; } bits = {.i = ((int32_t)n + 127) << 23};
+    union { uint32_t i; float f; } bits = {.i = (uint32_t)((int32_t)n + 127) << 23};
     float scale = bits.f;
     *e = scale * q + scale; /* e^x */
     return scale * q + (scale - 1.0f);
@@ -37,13 +38,14 @@ static inline float expm1_f32(float x, float *e) {
 static inline double expm1_f64(double x, double *e) {
     x = x < -708.0 ? -708.0 : x;
     x = x > 709.0 ? 709.0 : x;
-    double n = (x * 1.44269504088896338700 + 6755399441055744.0) - 6755399441055744.0;
+    double xn = x == x ? x : 0.0;
+    double n = (xn * 1.44269504088896338700 + 6755399441055744.0) - 6755399441055744.0;
     double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
     double q = r * (1 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120
                + r * (1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880
                + r * (1.0 / 3628800 + r * (1.0 / 39916800 + r * (1.0 / 479001600
                + r * (1.0 / 6227020800 + r * (1.0 / 87178291200.0))))))))))))));
-    union { int64_t i; double f; } bits = {.i = ((int64_t)n + 1023) << 52};
+    union { uint64_t i; double f; } bits = {.i = (uint64_t)((int64_t)n + 1023) << 52};
     double scale = bits.f;
     *e = scale * q + scale;
     return scale * q + (scale - 1.0);

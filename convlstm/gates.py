@@ -15,8 +15,8 @@ autocast); h and c come out in the promoted dtype of the inputs, as in the eager
 and each gradient in its input's dtype. The backward is not itself differentiable (no
 double backward).
 
-On the CPU, `native_lstm_update()` runs the forward eagerly, keeps the gate activations,
-and makes the whole backward in one C pass (convlstm/gates.c): no recomputation, no
+On the CPU, `native_lstm_update()` runs the forward in one C pass that keeps the gate
+activations, and the whole backward in another (convlstm/gates.c): no recomputation, no
 concatenation, dz written in z's layout.
 """
 

@@ -61,36 +61,56 @@ def _cpu() -> str:
 
 
 def openmp_runtime() -> str | None:
-    """The file of the OpenMP runtime this process has loaded (PyTorch's: the one whose
-    threads run its CPU operators), or None (none loaded, or no /proc to tell)."""
+    """The file of the OpenMP runtime PyTorch loaded (the one whose threads run its CPU
+    operators: the first mapped in this process under PyTorch's folder, else the first
+    mapped at all), or None (none loaded, or no /proc to tell)."""
+    import torch  # loads PyTorch's runtime, if it has one, before we look
+
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
+    found = []
     for line in maps.splitlines():
         fields = line.split(maxsplit=5)
         name = os.path.basename(fields[5]) if len(fields) == 6 else ""
-        if name.startswith(_OPENMP_RUNTIMES) and ".so" in name:
-            return fields[5]
-    return None
+        if name.startswith(_OPENMP_RUNTIMES) and ".so" in name and fields[5] not in found:
+            found.append(fields[5])
+    ours = [path for path in found if path.startswith(os.path.dirname(torch.__file__))]
+    return (ours or found or [None])[0]
 
 
-def flag_sets() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
-    """(flags, libraries) to try, in order. First OpenMP, linked against PyTorch's own
-    runtime (so the kernels' parallel loops run on PyTorch's threads: a second runtime's
-    threads would spin against them for the same cores; --as-needed drops the compiler's own
-    -lgomp), where PyTorch has one loaded."""
-    import torch  # noqa: F401  (loads PyTorch's runtime, if it has one, before we look)
+@functools.cache
+def _is_clang(cc: str) -> bool:
+    """Clang's -fopenmp calls LLVM's runtime entry points (__kmpc_*), which GNU's libgomp
+    lacks: it would bring a runtime of its own."""
+    try:
+        run = subprocess.run(
+            [*shlex.split(cc), "-dM", "-E", "-x", "c", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return True  # cannot tell: no OpenMP
+    return "__clang__" in run.stdout
 
+
+def flag_sets(cc: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(flags, libraries) to try, in order. First, with a GCC-compatible compiler (not
+    clang), OpenMP linked against PyTorch's own runtime, so that the kernels' parallel loops
+    run on PyTorch's threads (a second runtime's threads would spin against them for the
+    same cores; --as-needed drops the compiler's own -lgomp), where PyTorch has one loaded."""
     runtime = openmp_runtime()
-    return [*([(OPENMP_FLAGS, (runtime,))] if runtime else []), *((f, ()) for f in FLAG_SETS)]
+    parallel = [(OPENMP_FLAGS, (runtime,))] if runtime and not _is_clang(cc) else []
+    return [*parallel, *((f, ()) for f in FLAG_SETS)]
 
 
 def _build(source: Path, cc: str) -> Path:
     """Compile `source` (cached); raises RuntimeError with the compiler's complaint."""
     text = source.read_bytes()
     errors = []
-    for flags, libraries in flag_sets():
+    for flags, libraries in flag_sets(cc):
         what = [cc, " ".join(flags + libraries), platform.machine(), _cpu()]
         key = hashlib.sha256(b"\0".join([text, *(part.encode() for part in what)]))
         target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"

@@ -338,3 +338,11 @@ int input_grad_##S(const T *du, T *dx, long n, long h, long w, long c, long a) {
 
 DEFINE_KERNELS(float, f32)
 DEFINE_KERNELS(double, f64)
+
+/* How many threads a large call runs on: OpenMP's count, or 0 when built without OpenMP. */
+#ifdef _OPENMP
+#include <omp.h>
+int tiles_threads(void) { return omp_get_max_threads(); }
+#else
+int tiles_threads(void) { return 0; }
+#endif

@@ -229,6 +229,8 @@ def _output_from(prod: Tensor, n: int, h: int, w: int, a: int, bias: Tensor | No
     plus bias (C_out) if given: added in the same pass in C (one pass over y less)."""
     c_out = prod.shape[-1]
     if bias is not None:
+        if tuple(bias.shape) != (c_out,):  # the C pass reads c_out values: no broadcasting
+            raise ValueError(f"winograd: a bias of {c_out} values, got {tuple(bias.shape)}")
         bias = bias.to(prod.dtype).contiguous()
     more = (None if bias is None else bias.data_ptr(),)
     y = _in_c("output_from", prod, (n, h, w, c_out), n, h, w, c_out, a, more=more)
@@ -401,7 +403,7 @@ def step_conv(conv: torch.nn.Conv2d) -> WinogradSequence:
     return WinogradSequence(conv.weight, conv.bias, transformed=kept_transform(conv.weight))
 
 
-# While a shared_transforms scope is open: id(weight) -> (weight, key, transform, tape)
+# While a shared_transforms scope is open: id(weight) -> (weight, key, transform, tape, spent)
 _SHARED: ContextVar[dict | None] = ContextVar("winograd_shared", default=None)
 
 
@@ -413,7 +415,9 @@ def shared_transforms() -> Iterator[None]:
     same tape: one training step that encodes (ConvLSTM's hoisted W_x and W_h) and then
     forecasts (the whole W) transforms each filter once, forward and backward, instead of
     twice. A transform made without grad (or with a different batch_grad) is not handed to a
-    sequence with, nor one made before the weight changed. Nested scopes are one scope."""
+    sequence with, nor one made before the weight changed, nor one a backward has gone
+    through (its graph is freed: a scope may span several forwards and backwards, say for
+    gradient accumulation). Nested scopes are one scope."""
     if _SHARED.get() is not None:
         yield
         return
@@ -432,14 +436,16 @@ def _transform(weight: Tensor, batch_grad: bool) -> tuple[Tensor, FilterTape | N
     if shared is not None:
         key = (weight.data_ptr(), weight._version, grad, batch_grad)
         kept = shared.get(id(weight))
-        if kept is not None and kept[0] is weight and kept[1] == key:
+        if kept is not None and kept[0] is weight and kept[1] == key and not kept[4]:
             return kept[2], kept[3]
-    v, tape = transform_weight(weight), None
+    v, tape, spent = transform_weight(weight), None, []
+    if grad:  # a backward through the transform frees its graph: not to be handed out again
+        v.register_hook(lambda g: spent.append(True))
     if batch_grad and grad:
         tape = FilterTape()
         (v,) = share(tape, v)
     if shared is not None:
-        shared[id(weight)] = (weight, key, v, tape)
+        shared[id(weight)] = (weight, key, v, tape, spent)
     return v, tape
 
 

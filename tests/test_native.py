@@ -134,16 +134,23 @@ def _mapped_openmp_runtimes() -> set[str]:
 
 def test_the_tile_kernels_run_on_pytorchs_openmp_threads(cache):
     """Linked against the OpenMP runtime PyTorch loaded, not a second one whose threads would
-    spin against PyTorch's for the same cores."""
+    spin against PyTorch's for the same cores, and as many threads as PyTorch's."""
     _compiler_or_skip()
     runtime = native.openmp_runtime()
-    if runtime is None:
-        pytest.skip("PyTorch has no OpenMP runtime loaded here")
+    if runtime is None or native._is_clang(native.compiler()):
+        pytest.skip("no OpenMP build here: PyTorch has no runtime loaded, or the C is clang's")
     before = _mapped_openmp_runtimes()
     assert runtime in before
-    flags, libraries = native.flag_sets()[0]
+    flags, libraries = native.flag_sets(native.compiler())[0]
     assert "-fopenmp" in flags and libraries == (runtime,)
-    assert native.load("tiles") is not None
+    lib = native.load("tiles")
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            assert lib.tiles_threads() == count  # built with OpenMP, told by PyTorch
+    finally:
+        torch.set_num_threads(threads)
     from convlstm import winograd
 
     winograd._input_tiles(torch.randn(4, 64, 16, 16), 6)  # large enough to fork
@@ -154,8 +161,13 @@ def test_without_an_openmp_runtime_or_where_openmp_fails_the_kernels_build_witho
     cache, monkeypatch
 ):
     _compiler_or_skip()
+    cc = native.compiler()
     monkeypatch.setattr(native, "openmp_runtime", lambda: None)
-    assert native.flag_sets() == [(flags, ()) for flags in native.FLAG_SETS]
+    assert native.flag_sets(cc) == [(flags, ()) for flags in native.FLAG_SETS]
     monkeypatch.setattr(native, "openmp_runtime", lambda: "/nonexistent/libgomp.so.1")
-    assert native.load("tiles") is not None  # the OpenMP build failed: the next flags built
+    monkeypatch.setattr(native, "_is_clang", lambda cc: True)
+    assert native.flag_sets(cc) == [(flags, ()) for flags in native.FLAG_SETS]  # clang's
+    monkeypatch.setattr(native, "_is_clang", lambda cc: False)
+    lib = native.load("tiles")  # the OpenMP build failed: the next flags built
+    assert lib is not None and lib.tiles_threads() == 0
     assert len(list(cache.iterdir())) == 1

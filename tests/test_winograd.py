@@ -83,6 +83,8 @@ def test_c_tile_transforms_equal_the_pytorch_ones(shape, dtype, tile, monkeypatc
 def test_c_tile_transforms_give_the_same_bits_on_one_thread_and_on_two(tile):
     """Every output is made by one thread in one order, however the tiles are split."""
     _c_kernels_or_skip()
+    if native.load("tiles").tiles_threads() == 0:
+        pytest.skip("the C kernels were built without OpenMP here")
     torch.manual_seed(0)
     shape = (3, 40, 13, 18)
     n, c, h, w = shape
@@ -641,3 +643,27 @@ def test_a_filter_tape_folds_each_range_in_turn_and_hands_the_sum_over_once(monk
     (total,) = tape.finish(tape, torch.zeros(2, 3, 2))
     assert total[:, 0].eq(3).all() and total[:, 1].eq(9).all() and total[:, 2].eq(0).all()
     assert not tape.kept
+
+
+@pytest.mark.parametrize("batch_grad", [True, False], ids=["folded", "autograd"])
+def test_a_scope_may_span_several_backwards(batch_grad):
+    """Gradient accumulation inside one scope: a transform a backward went through (its graph
+    freed) is made again, not handed out."""
+    torch.manual_seed(0)
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64)
+    expected = torch.autograd.grad(F.conv2d(x, weight, padding=1).square().sum(), weight)[0]
+    with winograd.shared_transforms():
+        first = WinogradSequence(weight, None, batch_grad)
+        assert WinogradSequence(weight, None, batch_grad).v is first.v  # shared until then
+        first(x).square().sum().backward()
+        second = WinogradSequence(weight, None, batch_grad)
+        assert second.v is not first.v
+        second(x).square().sum().backward()
+    torch.testing.assert_close(weight.grad, 2 * expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_bias_of_the_wrong_size_is_refused(transforms):
+    v = transform_weight(torch.zeros(4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"a bias of 4 values, got \(1,\)"):
+        winograd_conv(torch.zeros(1, 3, 8, 8), v, 3, torch.zeros(1))
