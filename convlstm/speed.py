@@ -21,8 +21,10 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 - winograd: the 3x3 and 5x5 convolutions of ConvLSTM, ConvGRU and ConvRNN cells by
   Winograd's F(4x4, 3x3) and F(4x4, 5x5) (convlstm.winograd): 2.25 multiplications per output
   instead of 9, and 4 instead of 25, for the CPU, where training is bound by the
-  convolutions' arithmetic; the tile transforms are C kernels (convlstm/tiles.c) where a C
-  compiler is found. A model run one step at a time without autograd (model.step,
+  convolutions' arithmetic; the tile transforms are C kernels (convlstm/tiles.c; on
+  PyTorch's OpenMP threads) where a C compiler is found. A training step (TrainStep,
+  model(...)) transforms each filter once for its encoding and its forecast
+  (winograd.shared_transforms). A model run one step at a time without autograd (model.step,
   StreamingPredictor) keeps its filters' transform from step to step while the weights are
   unchanged (changes made through `.data` are not seen), and runs steps of fewer than 8 tiles
   (batch 1 on a grid of up to 8x8) directly. Other kernel sizes, and autocast (bf16 / fp16),
@@ -95,10 +97,11 @@ class SpeedOptions:
         ConvLSTM-S: 2.8x eager bf16 at batch 16, 1.1x at batch 64) all of them but
         batched_wgrad, not yet measured on a GPU, and winograd and native_gates, which are
         for the CPU. On the CPU, where training is bound by the convolutions' arithmetic,
-        hoisting, Winograd 3x3 and 5x5 convolutions and the C gate backward (2-core CPU,
-        mmnist-cpu-small: 1.8x eager at batch 8, 2.05x at batch 16; ConvLSTM-S: 2.6x at
-        batch 2; the ConvGRU and ConvRNN presets 2.6x and 2.3x); channels-last and compiled
-        gates measured no better than eager within this CPU's noise."""
+        hoisting, Winograd 3x3 and 5x5 convolutions and the C gate update (2-core AVX-512
+        Xeon, mmnist-cpu-small: 1.74x eager at batch 8, 1.84x at batch 16; ConvLSTM-S:
+        2.55x at batch 2; ConvGRU 2.28x; on a 2-core AVX2 EPYC a session earlier, 1.80x,
+        2.05x and 3.01x); channels-last and compiled gates measured no better than eager
+        within the CPU's noise."""
         if path == "eager":
             return cls(checkpointing=checkpointing)
         if path != "fast":
