@@ -56,6 +56,27 @@ static inline double expm1_f64(double x, double *e) {
 static inline T sigmoid_##S(T x) { T e; expm1_##S(-x, &e); return 1 / (1 + e); }              \
 static inline T tanh_##S(T x) { T e; T m = expm1_##S(2 * x, &e); return m / (m + 2); }
 
+/* Both passes: every (image b, row q) of the ch-channel tensors, split between threads for
+   calls of 2^16 gate elements or more; `one` is the row's offset in those, `four` gate 0's
+   in the four-gate tensors, where gate k lies k `gate` further on. */
+#define LAYOUT long outer = nhwc ? hw : ch, inner = nhwc ? ch : hw, gate = nhwc ? ch : ch * hw;
+#define FOR_ROWS                                                                              \
+    _Pragma("omp parallel for collapse(2) schedule(static) if (n * 4 * ch * hw >= 65536)")    \
+    for (long b = 0; b < n; b++)                                                              \
+        for (long q = 0; q < outer; q++)
+#define OFFSETS                                                                               \
+    long one = (b * outer + q) * inner;                                                       \
+    long four = nhwc ? (b * hw + q) * 4 * ch : b * 4 * ch * hw + q * hw;
+
+/* One element of the forward, from the four gates' pre-activations */
+#define FORWARD_ELEMENT(T, S, PI, PF, PG, PO)                                                 \
+    {                                                                                         \
+        T i = sigmoid_##S(PI), f = sigmoid_##S(PF), g = tanh_##S(PG), o = sigmoid_##S(PO);    \
+        T cnew = f * c[one + k] + i * g, tk = tanh_##S(cnew);                                 \
+        ai[k] = i; af[k] = f; ag[k] = g; ao[k] = o;                                           \
+        cn[one + k] = cnew; t[one + k] = tk; h[one + k] = o * tk;                             \
+    }
+
 /* The forward: z (+ z_more, which may be NULL) -> the activations a = [i, f, g, o], the new
    memory c' = f c + i g, t = tanh(c') and h' = o t; layouts as for the backward below. */
 #define DEFINE_FORWARD(T, S)                                                                  \
@@ -63,60 +84,42 @@ ACTIVATIONS(T, S)                                                               
 void lstm_forward_##S(const T *restrict z, const T *restrict zm, const T *restrict c,         \
                       T *restrict a, T *restrict cn, T *restrict t, T *restrict h,            \
                       long n, long ch, long hw, int nhwc) {                                   \
-    long outer = nhwc ? hw : ch, inner = nhwc ? ch : hw, gate = nhwc ? ch : ch * hw;          \
-    _Pragma("omp parallel for collapse(2) schedule(static) if (n * 4 * ch * hw >= 65536)")    \
-    for (long b = 0; b < n; b++)                                                              \
-        for (long q = 0; q < outer; q++) {                                                    \
-            long one = (b * outer + q) * inner;                                               \
-            long four = nhwc ? (b * hw + q) * 4 * ch : b * 4 * ch * hw + q * hw;              \
-            const T *zi = z + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;        \
-            T *ai = a + four, *af = ai + gate, *ag = af + gate, *ao = ag + gate;              \
-            if (zm) {                                                                         \
-                const T *mi = zm + four, *mf = mi + gate, *mg = mf + gate, *mo = mg + gate;   \
-                _Pragma("GCC ivdep") for (long k = 0; k < inner; k++) {                      \
-                    T i = sigmoid_##S(zi[k] + mi[k]), f = sigmoid_##S(zf[k] + mf[k]);         \
-                    T g = tanh_##S(zg[k] + mg[k]), o = sigmoid_##S(zo[k] + mo[k]);            \
-                    T cnew = f * c[one + k] + i * g, tk = tanh_##S(cnew);                     \
-                    ai[k] = i; af[k] = f; ag[k] = g; ao[k] = o;                               \
-                    cn[one + k] = cnew; t[one + k] = tk; h[one + k] = o * tk;                 \
-                }                                                                             \
-            } else {                                                                          \
-                _Pragma("GCC ivdep") for (long k = 0; k < inner; k++) {                      \
-                    T i = sigmoid_##S(zi[k]), f = sigmoid_##S(zf[k]);                         \
-                    T g = tanh_##S(zg[k]), o = sigmoid_##S(zo[k]);                            \
-                    T cnew = f * c[one + k] + i * g, tk = tanh_##S(cnew);                     \
-                    ai[k] = i; af[k] = f; ag[k] = g; ao[k] = o;                               \
-                    cn[one + k] = cnew; t[one + k] = tk; h[one + k] = o * tk;                 \
-                }                                                                             \
-            }                                                                                 \
+    LAYOUT                                                                                    \
+    FOR_ROWS {                                                                                \
+        OFFSETS                                                                               \
+        const T *zi = z + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;            \
+        T *ai = a + four, *af = ai + gate, *ag = af + gate, *ao = ag + gate;                  \
+        if (zm) {                                                                             \
+            const T *mi = zm + four, *mf = mi + gate, *mg = mf + gate, *mo = mg + gate;       \
+            _Pragma("GCC ivdep") for (long k = 0; k < inner; k++)                             \
+                FORWARD_ELEMENT(T, S, zi[k] + mi[k], zf[k] + mf[k], zg[k] + mg[k], zo[k] + mo[k]) \
+        } else {                                                                              \
+            _Pragma("GCC ivdep") for (long k = 0; k < inner; k++)                             \
+                FORWARD_ELEMENT(T, S, zi[k], zf[k], zg[k], zo[k])                             \
         }                                                                                     \
+    }                                                                                         \
 }
 
 #define DEFINE_BACKWARD(T, S)                                                                 \
 void lstm_backward_##S(const T *restrict a, const T *restrict c, const T *restrict t,         \
                        const T *restrict dh, const T *restrict dcn, T *restrict dz,           \
                        T *restrict dc, long n, long ch, long hw, int nhwc) {                  \
-    /* element (image b, channel k, pixel p) of a ch-channel tensor, and the stride from one  \
-       gate to the next in the four-gate ones */                                              \
-    long outer = nhwc ? hw : ch, inner = nhwc ? ch : hw, gate = nhwc ? ch : ch * hw;          \
-    _Pragma("omp parallel for collapse(2) schedule(static) if (n * 4 * ch * hw >= 65536)")    \
-    for (long b = 0; b < n; b++)                                                              \
-        for (long q = 0; q < outer; q++) {                                                    \
-            long one = (b * outer + q) * inner;                                               \
-            long four = nhwc ? (b * hw + q) * 4 * ch : b * 4 * ch * hw + q * hw;              \
-            const T *ai = a + four, *af = ai + gate, *ag = af + gate, *ao = ag + gate;        \
-            T *zi = dz + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;             \
-            _Pragma("GCC ivdep") for (long k = 0; k < inner; k++) {                          \
-                T i = ai[k], f = af[k], g = ag[k], o = ao[k];                                 \
-                T tk = t[one + k], dhk = dh[one + k];                                         \
-                T total = dcn[one + k] + dhk * o * (1 - tk * tk);                             \
-                zi[k] = total * g * i * (1 - i);                                              \
-                zf[k] = total * c[one + k] * f * (1 - f);                                     \
-                zg[k] = total * i * (1 - g * g);                                              \
-                zo[k] = dhk * tk * o * (1 - o);                                               \
-                dc[one + k] = total * f;                                                      \
-            }                                                                                 \
+    LAYOUT                                                                                    \
+    FOR_ROWS {                                                                                \
+        OFFSETS                                                                               \
+        const T *ai = a + four, *af = ai + gate, *ag = af + gate, *ao = ag + gate;            \
+        T *zi = dz + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;                 \
+        _Pragma("GCC ivdep") for (long k = 0; k < inner; k++) {                               \
+            T i = ai[k], f = af[k], g = ag[k], o = ao[k];                                     \
+            T tk = t[one + k], dhk = dh[one + k];                                             \
+            T total = dcn[one + k] + dhk * o * (1 - tk * tk);                                 \
+            zi[k] = total * g * i * (1 - i);                                                  \
+            zf[k] = total * c[one + k] * f * (1 - f);                                         \
+            zg[k] = total * i * (1 - g * g);                                                  \
+            zo[k] = dhk * tk * o * (1 - o);                                                   \
+            dc[one + k] = total * f;                                                          \
         }                                                                                     \
+    }                                                                                         \
 }
 
 DEFINE_FORWARD(float, f32)
