@@ -68,6 +68,19 @@ static inline T tanh_##S(T x) { T e; T m = expm1_##S(2 * x, &e); return m / (m +
     long one = (b * outer + q) * inner;                                                       \
     long four = nhwc ? (b * hw + q) * 4 * ch : b * 4 * ch * hw + q * hw;
 
+/* bf16 (the upper half of a float32) to and from float: the store rounds to nearest even,
+   and a NaN stays a NaN (its quiet bit set, so that no payload is cut to infinity) */
+static inline float bf16_load(uint16_t v) {
+    union { uint32_t i; float f; } u = {.i = (uint32_t)v << 16};
+    return u.f;
+}
+static inline uint16_t bf16_store(float x) {
+    union { float f; uint32_t i; } u = {.f = x};
+    uint32_t rounded = (u.i + 0x7FFFu + ((u.i >> 16) & 1u)) >> 16;
+    return (uint16_t)(x == x ? rounded : (u.i >> 16) | 0x40u);
+}
+#define PLAIN(x) (x)
+
 /* One element of the forward, from the four gates' pre-activations */
 #define FORWARD_ELEMENT(T, S, PI, PF, PG, PO)                                                 \
     {                                                                                         \
@@ -78,51 +91,59 @@ static inline T tanh_##S(T x) { T e; T m = expm1_##S(2 * x, &e); return m / (m +
     }
 
 /* The forward: z (+ z_more, which may be NULL) -> the activations a = [i, f, g, o], the new
-   memory c' = f c + i g, t = tanh(c') and h' = o t; layouts as for the backward below. */
-#define DEFINE_FORWARD(T, S)                                                                  \
-ACTIVATIONS(T, S)                                                                             \
-void lstm_forward_##S(const T *restrict z, const T *restrict zm, const T *restrict c,         \
-                      T *restrict a, T *restrict cn, T *restrict t, T *restrict h,            \
-                      long n, long ch, long hw, int nhwc) {                                   \
+   memory c' = f c + i g, t = tanh(c') and h' = o t; layouts as for the backward below. The
+   pre-activations are of type Z, read with LD (bf16 under autocast: the rest in float). */
+#define DEFINE_FORWARD(T, S, Z, NAME, LD)                                                     \
+void lstm_forward_##NAME(const Z *restrict z, const Z *restrict zm, const T *restrict c,      \
+                         T *restrict a, T *restrict cn, T *restrict t, T *restrict h,         \
+                         long n, long ch, long hw, int nhwc) {                                \
     LAYOUT                                                                                    \
     FOR_ROWS {                                                                                \
         OFFSETS                                                                               \
-        const T *zi = z + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;            \
+        const Z *zi = z + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;            \
         T *ai = a + four, *af = ai + gate, *ag = af + gate, *ao = ag + gate;                  \
         if (zm) {                                                                             \
-            const T *mi = zm + four, *mf = mi + gate, *mg = mf + gate, *mo = mg + gate;       \
+            const Z *mi = zm + four, *mf = mi + gate, *mg = mf + gate, *mo = mg + gate;       \
             _Pragma("GCC ivdep") for (long k = 0; k < inner; k++)                             \
-                FORWARD_ELEMENT(T, S, zi[k] + mi[k], zf[k] + mf[k], zg[k] + mg[k], zo[k] + mo[k]) \
+                FORWARD_ELEMENT(T, S, LD(zi[k]) + LD(mi[k]), LD(zf[k]) + LD(mf[k]),           \
+                                LD(zg[k]) + LD(mg[k]), LD(zo[k]) + LD(mo[k]))                 \
         } else {                                                                              \
             _Pragma("GCC ivdep") for (long k = 0; k < inner; k++)                             \
-                FORWARD_ELEMENT(T, S, zi[k], zf[k], zg[k], zo[k])                             \
+                FORWARD_ELEMENT(T, S, LD(zi[k]), LD(zf[k]), LD(zg[k]), LD(zo[k]))             \
         }                                                                                     \
     }                                                                                         \
 }
 
-#define DEFINE_BACKWARD(T, S)                                                                 \
-void lstm_backward_##S(const T *restrict a, const T *restrict c, const T *restrict t,         \
-                       const T *restrict dh, const T *restrict dcn, T *restrict dz,           \
-                       T *restrict dc, long n, long ch, long hw, int nhwc) {                  \
+/* The backward: dz (type Z, written with ST) and dc from the saved activations */
+#define DEFINE_BACKWARD(T, Z, NAME, ST)                                                       \
+void lstm_backward_##NAME(const T *restrict a, const T *restrict c, const T *restrict t,      \
+                          const T *restrict dh, const T *restrict dcn, Z *restrict dz,        \
+                          T *restrict dc, long n, long ch, long hw, int nhwc) {               \
     LAYOUT                                                                                    \
     FOR_ROWS {                                                                                \
         OFFSETS                                                                               \
         const T *ai = a + four, *af = ai + gate, *ag = af + gate, *ao = ag + gate;            \
-        T *zi = dz + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;                 \
+        Z *zi = dz + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;                 \
         _Pragma("GCC ivdep") for (long k = 0; k < inner; k++) {                               \
             T i = ai[k], f = af[k], g = ag[k], o = ao[k];                                     \
             T tk = t[one + k], dhk = dh[one + k];                                             \
             T total = dcn[one + k] + dhk * o * (1 - tk * tk);                                 \
-            zi[k] = total * g * i * (1 - i);                                                  \
-            zf[k] = total * c[one + k] * f * (1 - f);                                         \
-            zg[k] = total * i * (1 - g * g);                                                  \
-            zo[k] = dhk * tk * o * (1 - o);                                                   \
+            zi[k] = ST(total * g * i * (1 - i));                                              \
+            zf[k] = ST(total * c[one + k] * f * (1 - f));                                     \
+            zg[k] = ST(total * i * (1 - g * g));                                              \
+            zo[k] = ST(dhk * tk * o * (1 - o));                                               \
             dc[one + k] = total * f;                                                          \
         }                                                                                     \
     }                                                                                         \
 }
 
-DEFINE_FORWARD(float, f32)
-DEFINE_FORWARD(double, f64)
-DEFINE_BACKWARD(float, f32)
-DEFINE_BACKWARD(double, f64)
+ACTIVATIONS(float, f32)
+ACTIVATIONS(double, f64)
+DEFINE_FORWARD(float, f32, float, f32, PLAIN)
+DEFINE_FORWARD(double, f64, double, f64, PLAIN)
+DEFINE_BACKWARD(float, float, f32, PLAIN)
+DEFINE_BACKWARD(double, double, f64, PLAIN)
+/* bf16 pre-activations (autocast's convolution output) with a float32 memory: the
+   arithmetic, the saved activations, h' and c' in float32, the gradient dz in bf16 */
+DEFINE_FORWARD(float, f32, uint16_t, bf16, bf16_load)
+DEFINE_BACKWARD(float, uint16_t, bf16, bf16_store)

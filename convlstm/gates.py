@@ -124,7 +124,13 @@ def fused_lstm_update(compiled: bool = True) -> Callable[..., tuple[Tensor, Tens
     return update
 
 
-_NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+# (z's dtype, c's dtype) -> gates.c's kernels: one dtype throughout, or autocast's bf16
+# pre-activations with a float32 memory
+_NATIVE_DTYPES = {
+    (torch.float32, torch.float32): "f32",
+    (torch.float64, torch.float64): "f64",
+    (torch.bfloat16, torch.float32): "bf16",
+}
 
 
 @functools.cache
@@ -158,7 +164,7 @@ class _NativeUpdate(torch.autograd.Function):
         layout = _dense_layout(z)
         z, c = z.contiguous(memory_format=layout), c.contiguous(memory_format=layout)
         more = None if z_more is None else z_more.contiguous(memory_format=layout)
-        act = torch.empty_like(z)
+        act = torch.empty_like(z, dtype=c.dtype)  # the memory's dtype: float32 under autocast
         c_new, t, h = (torch.empty_like(c) for _ in range(3))
         b, ch, height, width = c.shape
         tensors = (z, more, c, act, c_new, t, h)
@@ -166,7 +172,7 @@ class _NativeUpdate(torch.autograd.Function):
         kernels[0](
             *(None if x is None else x.data_ptr() for x in tensors), b, ch, height * width, nhwc
         )
-        ctx.kernel, ctx.more = kernels[1], z_more is not None
+        ctx.kernel, ctx.more, ctx.z_dtype = kernels[1], z_more is not None, z.dtype
         ctx.save_for_backward(act, c, t)
         return h, c_new
 
@@ -176,7 +182,7 @@ class _NativeUpdate(torch.autograd.Function):
         act, c, t = ctx.saved_tensors
         layout = _dense_layout(act)  # dense already: the forward made it
         c, t, dh, dc_new = (x.contiguous(memory_format=layout) for x in (c, t, dh, dc_new))
-        dz, dc = torch.empty_like(act), torch.empty_like(c)
+        dz, dc = torch.empty_like(act, dtype=ctx.z_dtype), torch.empty_like(c)
         b, ch, h, w = c.shape
         tensors = (act, c, t, dh, dc_new, dz, dc)
         nhwc = int(layout == torch.channels_last)
@@ -186,8 +192,11 @@ class _NativeUpdate(torch.autograd.Function):
 
 def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
     """`update(z, c, z_more=None) -> (h', c')`: lstm_update as one C kernel forward and one
-    backward (convlstm/gates.c), for float32 / float64 CPU tensors of one dtype and full
-    shapes (anything else, e.g. a broadcast c, and anything without grad, runs lstm_update);
+    backward (convlstm/gates.c), for float32 / float64 CPU tensors of one dtype, or bf16
+    pre-activations (autocast) with a float32 memory, at full shapes (anything else, e.g. a
+    broadcast c, and anything without grad, runs lstm_update). Under bf16 the arithmetic is
+    float32 throughout, as in fused_lstm_update (the eager update rounds each activation to
+    bf16), h' and c' are float32 and dz bf16;
     None where the C kernels can't be built (no C compiler)."""
     if native.load("gates") is None:
         return None
@@ -200,8 +209,8 @@ def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
         # the C pass takes every tensor at full size: no broadcasting (the eager update does)
         full = gates and c.shape == (z.shape[0], z.shape[1] // 4, *z.shape[2:])
         same = z_more is None or (z_more.dtype == z.dtype and z_more.shape == z.shape)
-        if z.device.type == "cpu" and full and c.dtype == z.dtype and same:
-            suffix = _NATIVE_DTYPES.get(z.dtype)
+        if z.device.type == "cpu" and full and same:
+            suffix = _NATIVE_DTYPES.get((z.dtype, c.dtype))
             kernels = None if suffix is None else _native_kernels(suffix)
         if kernels is None:
             return lstm_update(z, c, z_more)

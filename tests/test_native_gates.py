@@ -50,6 +50,53 @@ def test_equals_the_eager_update(update, dtype, tol, channels_last, with_more, s
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_more", [False, True])
+def test_bf16_preactivations_with_a_float32_memory(update, channels_last, with_more):
+    """Autocast's case: z (and z_more) bf16 from the convolution, c float32. The C pass
+    computes in float32 (as fused_lstm_update does), h' and c' come out float32, dz in bf16
+    rounded to nearest from the float32 value, dc float32; checked against float64."""
+    torch.manual_seed(1)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    b, ch, h, w = 3, 24, 16, 17  # over 2^16 gate elements: threaded
+    z = (2 * torch.randn(b, 4 * ch, h, w)).bfloat16().contiguous(memory_format=layout)
+    more = (2 * torch.randn(b, 4 * ch, h, w)).bfloat16() if with_more else None
+    c = torch.randn(b, ch, h, w)
+    inputs = [t.requires_grad_() for t in (z, c, more) if t is not None]
+    got = _outputs_and_grads(update, z, c, more)
+    assert "NativeUpdate" in type(got[0][0].grad_fn).__name__
+    assert [t.dtype for t in (*got[0], *got[1])] == [torch.float32] * 2 + [t.dtype for t in inputs]
+    assert got[1][0].is_contiguous(memory_format=layout)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    expected = _outputs_and_grads(lstm_update, *wide, *([None] if more is None else []))
+    for a, e in zip(got[0], expected[0], strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6)
+    for a, e in zip(got[1], expected[1], strict=True):
+        rounded = e.to(a.dtype)  # float64 -> bf16 (or float32): the nearest value
+        if a.dtype == torch.bfloat16:  # float32 arithmetic moves a few across a rounding edge
+            assert (a == rounded).double().mean() > 0.99
+            torch.testing.assert_close(a, rounded, rtol=2**-7, atol=1e-6)
+        else:
+            torch.testing.assert_close(a, rounded, rtol=1e-5, atol=1e-6)
+
+
+def test_the_bf16_gradient_keeps_nans_and_rounds_to_nearest_even(update):
+    # c' = f c + i g; dc_total = dc' (dh = 0), so dz_f = dc' c f (1 - f): with z_f = 0
+    # (f = 1/2) and c = 4, dz_f = dc'
+    ch = 6
+    z = torch.zeros(1, 4 * ch, 1, 1).bfloat16().requires_grad_()
+    c = torch.full((1, ch, 1, 1), 4.0)
+    h, c_new = update(z, c)
+    ties = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, float("nan"), 1e-40]
+    dc_new = torch.tensor(ties).view(1, ch, 1, 1)
+    (dz,) = torch.autograd.grad(c_new, z, dc_new)
+    got = dz[0, ch : 2 * ch, 0, 0]
+    expected = torch.tensor(ties).bfloat16()  # PyTorch's rounding: to nearest, ties to even
+    assert got[:4].tolist() == [1.0, 1 + 2**-6, -1.0, 1 + 2**-7]
+    assert got[:4].tolist() == expected[:4].tolist() and got[4].isnan()
+    assert got[5].item() == expected[5].item()  # a float32 subnormal: rounded alike
+
+
 def test_passes_gradcheck(update):
     gen = torch.Generator().manual_seed(3)
     z, more = (torch.randn(2, 8, 3, 3, dtype=torch.float64, generator=gen) for _ in range(2))
@@ -67,6 +114,8 @@ def test_other_dtypes_and_devices_run_the_eager_update(update):
     assert "NativeUpdate" in type(h.grad_fn).__name__
     h, _ = update(z32, torch.randn(2, 2, 3, 3, dtype=torch.float64))  # mixed: eager
     assert "NativeUpdate" not in type(h.grad_fn).__name__
+    h, _ = update(z, torch.randn(2, 2, 3, 3))  # autocast's bf16 z, float32 c: the C pass
+    assert "NativeUpdate" in type(h.grad_fn).__name__
 
 
 def test_without_grad_the_eager_update_runs_and_saves_nothing(update, monkeypatch):
@@ -131,7 +180,7 @@ def test_native_gates_are_for_the_cpu_alone():
 def _c_activations(z: torch.Tensor) -> torch.Tensor:
     """gates.c's forward of z (4 gates of ch values each: i, f, g, o) with c = 0: the gate
     activations, (4, ch)."""
-    forward, _ = gates._native_kernels(gates._NATIVE_DTYPES[z.dtype])
+    forward, _ = gates._native_kernels(gates._NATIVE_DTYPES[z.dtype, z.dtype])
     ch = z.numel() // 4
     z = z.reshape(1, 4 * ch, 1, 1).contiguous()
     c = torch.zeros(1, ch, 1, 1, dtype=z.dtype)
