@@ -23,7 +23,7 @@ from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast, evaluate
 from convlstm.losses import get_loss
 from convlstm.models import MODELS, build_model, count_parameters
-from convlstm.speed import GraphedStep, SpeedOptions, apply_speed
+from convlstm.speed import GraphedStep, SpeedOptions, apply_speed, cpu_bf16_units
 from convlstm.tracking import Tracker
 from convlstm.visualize import save_gif
 
@@ -39,10 +39,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether to use a gradient scaler)."""
+def resolve_precision(
+    precision: str, device: torch.device, path: str = "eager"
+) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether to use a gradient scaler). "auto" is bf16 on
+    a CUDA device that supports it; on the CPU, bf16 for the fast path where the CPU has
+    AMX-BF16 matrix units (convlstm.speed.cpu_bf16_units), else fp32 (the eager path stays
+    the float32 reference there)."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        device = torch.device(device)
+        if device.type == "cuda":
+            fast_bf16 = torch.cuda.is_bf16_supported()
+        else:
+            fast_bf16 = path == "fast" and device.type == "cpu" and cpu_bf16_units()
+        precision = "bf16" if fast_bf16 else "fp32"
     return {
         "fp32": (None, False),
         "bf16": (torch.bfloat16, False),
@@ -233,10 +243,10 @@ def train(
     """
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
-    amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
+    amp_dtype, use_scaler = resolve_precision(cfg.precision, device, cfg.path)
     check_compatible(model_config, cfg)
     if speed is None:
-        speed = SpeedOptions.for_path(cfg.path, device, cfg.activation_checkpointing)
+        speed = SpeedOptions.for_path(cfg.path, device, cfg.activation_checkpointing, amp_dtype)
     speed.check(device)
     if speed.cuda_graph and use_scaler:
         raise ConfigError("cuda_graph cannot run the fp16 gradient scaler: use bf16 or fp32")

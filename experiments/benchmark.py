@@ -37,7 +37,7 @@ from convlstm.config import PRESETS, TrainConfig, build, from_name
 from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast
 from convlstm.models import MODELS, build_model
-from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed
+from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed, cpu_bf16_units
 from convlstm.training import (
     TrainStep,
     make_optimizer,
@@ -47,33 +47,40 @@ from convlstm.training import (
 from datasets.mnist import load_mnist
 from datasets.moving_mnist import DeviceMovingMNIST, MovingMNISTSpec, generate_batch
 
-
-def _fast(device: torch.device, **changes: bool) -> SpeedOptions:
-    return dataclasses.replace(SpeedOptions.for_path("fast", device), **changes)
+Options = Callable[[torch.device, "torch.dtype | None"], SpeedOptions]
 
 
-# name -> (precision, options on a device); "fast" is what TrainConfig.path="fast" runs there,
-# and "auto" precision is bf16 on CUDA, fp32 on the CPU.
-VARIANTS: dict[str, tuple[str, Callable[[torch.device], SpeedOptions]]] = {
-    "eager-fp32": ("fp32", lambda device: SpeedOptions()),
-    "eager-bf16": ("bf16", lambda device: SpeedOptions()),
-    "fast": ("auto", _fast),
-    "fast-no-graph": ("bf16", lambda device: _fast(device, cuda_graph=False)),
-    "fast-no-fused-gates": ("bf16", lambda device: _fast(device, fused_gates=False)),
-    "fast-no-channels-last": ("bf16", lambda device: _fast(device, channels_last=False)),
-    "fast-no-hoist": ("auto", lambda device: _fast(device, hoist=False)),
-    "fast-checkpointing": ("auto", lambda device: _fast(device, checkpointing=True)),
-    "fast-with-channels-last": ("auto", lambda device: _fast(device, channels_last=True)),
-    "fast-with-fused-gates": (
-        "auto",
-        lambda device: _fast(device, fused_gates=True, native_gates=False),
-    ),
-    "fast-with-batched-wgrad": (
-        "auto",
-        lambda device: _fast(device, batched_wgrad=True, winograd=False),
-    ),
-    "fast-no-winograd": ("auto", lambda device: _fast(device, winograd=False)),
-    "fast-no-native-gates": ("auto", lambda device: _fast(device, native_gates=False)),
+def _fast(**changes: bool) -> Options:
+    """The fast path's options on a device under an autocast dtype, with `changes`."""
+
+    def options(device: torch.device, amp_dtype: torch.dtype | None) -> SpeedOptions:
+        fast = SpeedOptions.for_path("fast", device, amp_dtype=amp_dtype)
+        return dataclasses.replace(fast, **changes)
+
+    return options
+
+
+# name -> (precision, options on a device under an autocast dtype); "fast" is what
+# TrainConfig.path="fast" runs there, and "auto" precision is what it resolves to for the
+# fast path (bf16 on CUDA and on a CPU with AMX-BF16 units, else fp32).
+VARIANTS: dict[str, tuple[str, Options]] = {
+    "eager-fp32": ("fp32", lambda device, amp: SpeedOptions()),
+    "eager-bf16": ("bf16", lambda device, amp: SpeedOptions()),
+    "fast": ("auto", _fast()),
+    "fast-fp32": ("fp32", _fast()),
+    "fast-no-graph": ("bf16", _fast(cuda_graph=False)),
+    "fast-no-fused-gates": ("bf16", _fast(fused_gates=False)),
+    "fast-no-channels-last": ("auto", _fast(channels_last=False)),
+    "fast-no-batched-wgrad": ("auto", _fast(batched_wgrad=False)),
+    "fast-no-hoist": ("auto", _fast(hoist=False)),
+    "fast-checkpointing": ("auto", _fast(checkpointing=True, batched_wgrad=False)),
+    "fast-with-channels-last": ("auto", _fast(channels_last=True)),
+    "fast-with-fused-gates": ("auto", _fast(fused_gates=True, native_gates=False)),
+    "fast-with-batched-wgrad": ("auto", _fast(batched_wgrad=True, winograd=False)),
+    # the float32 CPU path's parts (Winograd and the C gate update run in float32)
+    "fast-fp32-no-winograd": ("fp32", _fast(winograd=False)),
+    "fast-fp32-no-native-gates": ("fp32", _fast(native_gates=False)),
+    "fast-no-native-gates": ("auto", _fast(native_gates=False)),
 }
 DEFAULT_VARIANTS = {
     "cuda": [
@@ -86,8 +93,16 @@ DEFAULT_VARIANTS = {
         "fast-with-batched-wgrad",
         "fast-checkpointing",
     ],
-    "cpu": ["eager-fp32", "fast", "fast-no-native-gates", "fast-no-winograd"],
+    "cpu": ["eager-fp32", "fast", "fast-fp32-no-native-gates", "fast-fp32-no-winograd"],
+    # a CPU with AMX-BF16 units, where "fast" runs in bf16
+    "cpu-bf16": ["eager-fp32", "eager-bf16", "fast", "fast-no-batched-wgrad", "fast-fp32"],
 }
+
+
+def default_variants(device: torch.device) -> list[str]:
+    if device.type == "cuda":
+        return DEFAULT_VARIANTS["cuda"]
+    return DEFAULT_VARIANTS["cpu-bf16" if cpu_bf16_units() else "cpu"]
 
 
 def sync(device: torch.device) -> None:
@@ -96,8 +111,12 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_ceiling(device: torch.device) -> tuple[float, str]:
-    """Measured TFLOP/s of a large matrix product: bf16 8192^3 on CUDA, fp32 2048^3 on CPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    """Measured TFLOP/s of a large matrix product: bf16 8192^3 on CUDA; 2048^3 on the CPU,
+    in bf16 where it has AMX-BF16 units, else in fp32."""
+    if device.type == "cuda":
+        n, dtype = 8192, torch.bfloat16
+    else:
+        n, dtype = 2048, torch.bfloat16 if cpu_bf16_units() else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)  # random data, never zeros
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -114,9 +133,9 @@ def matmul_ceiling(device: torch.device) -> tuple[float, str]:
 
 def resolve_variant(name: str, device: torch.device) -> tuple[str, SpeedOptions]:
     precision, options = VARIANTS[name]
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return precision, options(device)
+    amp_dtype, _ = resolve_precision(precision, device, path="fast")
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    return precision, options(device, amp_dtype)
 
 
 def train_config(batch: int, precision: str, device: torch.device) -> TrainConfig:
@@ -346,12 +365,15 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     if any(b < 1 for b in args.batch_sizes) or args.seconds <= 0:
         raise ConfigError("batch sizes and --seconds must be positive")
-    variants = args.variants or DEFAULT_VARIANTS["cuda" if device.type == "cuda" else "cpu"]
+    variants = args.variants or default_variants(device)
     for name in [*variants, *([args.profile] if args.profile else [])]:
         precision, options = resolve_variant(name, device)
         options.check(device)
-        if precision == "bf16" and device.type != "cuda":
-            raise ConfigError(f"variant {name} runs in bf16, which this benchmark times on CUDA")
+        if precision == "bf16" and device.type == "cpu" and not cpu_bf16_units():
+            raise ConfigError(
+                f"variant {name} runs in bf16, which this CPU has no AMX-BF16 units for "
+                "(it would time a slow emulation): use the fp32 variants"
+            )
     if args.out is not None and args.out.suffix != ".json":
         raise ConfigError(f"--out must name a .json file, got {args.out}")
     torch.backends.cudnn.benchmark = True
@@ -526,7 +548,7 @@ def _print_table(report: dict[str, Any]) -> None:
     for (variant, batch), rate in rates.items():
         if variant != "fast" or not rate:
             continue
-        for reference in ("eager-bf16", "eager-fp32"):
+        for reference in ("eager-fp32", "eager-bf16"):
             if rates.get((reference, batch)):
                 print(f"fast / {reference} at batch {batch}: {rate / rates[reference, batch]:.2f}x")
     if report["inference"]:

@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
             extra_config=extra,
         )
         model = result["model"].eval()
-        amp_dtype, _ = resolve_precision(train_cfg.precision, device)
+        amp_dtype, _ = resolve_precision(train_cfg.precision, device, train_cfg.path)
         predictors = {
             "model": model,
             "persistence": baselines.persistence,

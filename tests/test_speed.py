@@ -329,7 +329,14 @@ def test_speed_options_refuse_cuda_only_parts_on_the_cpu():
 
 def test_fast_training_follows_the_eager_run(tmp_path):
     eager = _train(tmp_path, "eager", checkpoint_every=0)
-    fast = _train(tmp_path, "fast", checkpoint_every=0, path="fast", activation_checkpointing=True)
+    fast = _train(
+        tmp_path,
+        "fast",
+        checkpoint_every=0,
+        path="fast",
+        activation_checkpointing=True,
+        precision="fp32",  # auto would be bf16 on a CPU with AMX-BF16 units
+    )
     assert fast["speed"] == "hoist+winograd+native_gates+checkpointing"
     assert eager["speed"] == "eager"
     le = torch.tensor([loss for _, loss in eager["losses"]])
@@ -554,6 +561,8 @@ def test_benchmark_interleaved_run_reports_every_variant(tmp_path, mnist_dir, mo
 )
 def test_benchmark_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, match):
     monkeypatch.chdir(tmp_path)
+    for module in (training, benchmark):  # a CPU without AMX-BF16: bf16 refused
+        monkeypatch.setattr(module, "cpu_bf16_units", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
         _cli(argv)
     assert exit_info.value.code == 2
@@ -582,6 +591,73 @@ def test_back_to_eager_restores_the_parameter_layout():
     apply_speed(model, SpeedOptions(channels_last=True))
     apply_speed(model, SpeedOptions())
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def _relative_errors(config, options, dtype):
+    """Relative error (norm of the difference over the norm) of the training forward's output
+    and of each gradient, under `options` and autocast to `dtype`, against float64 eager."""
+    reference, model = _pair(config, options, torch.float64)
+    model.float()
+    frames = torch.rand(3, 11, 1, 8, 8, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
+    out_r, grads_r = _run(reference, frames, mask)
+    with torch.autocast("cpu", dtype=dtype):
+        out, grads = _run(model, frames.float(), mask)
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    return rel(out, out_r), {n: rel(grads[n], grads_r[n]) for n in grads_r}
+
+
+def test_the_cpu_bf16_fast_path_is_as_accurate_as_eager_bf16():
+    """The CPU fast path under bf16 autocast (hoisting, channels-last, batched weight
+    gradients, the C gate update in float32) against float64: within a few bf16 roundings,
+    and no further from it than the eager path under the same autocast."""
+    config = ModelConfig(hidden_channels=(16, 8), kernel_size=3, patch_size=2)
+    options = SpeedOptions.for_path("fast", torch.device("cpu"), amp_dtype=torch.bfloat16)
+    assert options == SpeedOptions(
+        hoist=True, channels_last=True, batched_wgrad=True, native_gates=True
+    )
+    out_e, grads_e = _relative_errors(config, SpeedOptions(), torch.bfloat16)
+    out_f, grads_f = _relative_errors(config, options, torch.bfloat16)
+    assert out_f < 5e-3 and out_f < 2 * out_e, (out_f, out_e)
+    for name, error in grads_f.items():
+        assert error < 2e-2 and error < 2 * grads_e[name] + 1e-3, (name, error, grads_e[name])
+
+
+def test_auto_precision_is_bf16_for_the_cpu_fast_path_only_with_amx(monkeypatch):
+    cpu = torch.device("cpu")
+    for units in (True, False):
+        monkeypatch.setattr(training, "cpu_bf16_units", lambda units=units: units)
+        fast = torch.bfloat16 if units else None
+        assert training.resolve_precision("auto", cpu, "fast") == (fast, False)
+        assert training.resolve_precision("auto", cpu, "eager") == (None, False)  # reference
+        assert training.resolve_precision("fp32", cpu, "fast") == (None, False)
+        assert training.resolve_precision("bf16", cpu, "eager") == (torch.bfloat16, False)
+    # float32 keeps Winograd; checkpointing drops the batched weight gradient (it keeps every
+    # step's tensors, which checkpointing exists to avoid)
+    assert SpeedOptions.for_path("fast", cpu, amp_dtype=None).winograd
+    bf16 = SpeedOptions.for_path("fast", cpu, True, torch.bfloat16)
+    assert bf16.checkpointing and not bf16.batched_wgrad and not bf16.winograd
+    cuda = torch.device("cuda")
+    assert SpeedOptions.for_path("fast", cuda, amp_dtype=torch.bfloat16).cuda_graph
+
+
+def test_benchmark_variants_resolve_auto_to_the_fast_paths_precision(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "cpu_bf16_units", lambda: True)
+    monkeypatch.setattr(benchmark, "cpu_bf16_units", lambda: True)
+    assert benchmark.resolve_variant("fast", cpu) == (
+        "bf16",
+        SpeedOptions.for_path("fast", cpu, amp_dtype=torch.bfloat16),
+    )
+    assert benchmark.resolve_variant("fast-fp32", cpu) == (
+        "fp32",
+        SpeedOptions.for_path("fast", cpu),
+    )
+    assert "eager-bf16" in benchmark.default_variants(cpu)
+    monkeypatch.setattr(training, "cpu_bf16_units", lambda: False)
+    monkeypatch.setattr(benchmark, "cpu_bf16_units", lambda: False)
+    assert benchmark.resolve_variant("fast", cpu) == ("fp32", SpeedOptions.for_path("fast", cpu))
+    assert "eager-bf16" not in benchmark.default_variants(cpu)
 
 
 def test_streaming_predictor_under_autocast_with_the_fast_options():
