@@ -140,7 +140,8 @@ class TrainConfig:
     # Also score the predictions made while reading the context (frames 2..Tc), as OpenSTL
     # does (19 frames for 10 -> 10): more signal per sequence. Stacked models only.
     loss_on_context: bool = False
-    # "auto": bf16 autocast on CUDA, fp32 elsewhere; "fp16" adds a gradient scaler.
+    # "auto": bf16 autocast on CUDA, and for the fast path on a CPU with AMX-BF16 units
+    # (convlstm.speed.cpu_bf16_units); fp32 elsewhere. "fp16" adds a gradient scaler.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # "eager": the readable reference. "fast": the same arithmetic run faster (convlstm.speed:
     # hoisted input convolutions, channels-last; on CUDA also compiled gates, a fused

@@ -203,6 +203,9 @@ def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
 
     def update(z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not torch.is_grad_enabled():  # no backward: nothing to save
+            if z.dtype == torch.bfloat16 and c.dtype == torch.float32:
+                # float32 arithmetic as in training's C pass, not bf16 gates (eager autocast)
+                z, z_more = z.float(), None if z_more is None else z_more.float()
             return lstm_update(z, c, z_more)
         kernels = None
         gates = z.dim() == 4 and z.shape[1] % 4 == 0

@@ -1,6 +1,6 @@
 """The fast path: the same model and the same arithmetic as the eager reference, run faster.
 
-    options = SpeedOptions.for_path("fast", device)
+    options = SpeedOptions.for_path("fast", device, amp_dtype=torch.bfloat16)  # None: fp32
     apply_speed(model, options)                       # hoisting, fused gates, channels-last
     step = GraphedStep(forward_loss, model, batch, mask)  # CUDA: forward + backward as a graph
 
@@ -33,9 +33,16 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   large temporaries need to avoid fresh pages at every step.
 - native_gates: the plain ConvLSTM gate update, forward and backward, as one C pass each
   (convlstm/gates.c; the forward saves the gate activations, its sigmoid and tanh within 2
-  eps of PyTorch's), for float32 / float64 on the CPU while training, where autograd's
-  version is a dozen small kernels each way and a concatenation.
+  eps of PyTorch's), for float32 / float64, and autocast's bf16 pre-activations with a
+  float32 memory, on the CPU while training, where autograd's version is a dozen small
+  kernels each way and a concatenation.
+
 - checkpointing: each recurrent step is recomputed in backward instead of stored.
+
+Precision: on CUDA the fast path runs under bf16 autocast ("auto"). On a CPU with AMX-BF16
+units (cpu_bf16_units), "auto" also means bf16 for the fast path, whose options there are
+hoisting, channels-last, batched_wgrad and native_gates (for_path); elsewhere, and with
+precision="fp32", the CPU fast path is float32 with Winograd.
 """
 
 from __future__ import annotations
@@ -102,25 +109,31 @@ class SpeedOptions:
     ) -> SpeedOptions:
         """Options for TrainConfig.path, given the autocast dtype the run uses (None: float32
         or float64). "eager": the readable reference. "fast": the options that paid on the
-        device in experiments/benchmark. On a CPU under bf16 / fp16 autocast (where AMX
-        units run bf16 convolutions at 4-9x the float32 rate): hoisting, channels-last (the
-        layout of oneDNN's fastest bf16 kernels) and the weight gradient batched over the
-        steps (per-step bf16 weight gradients ran at half the rate and were summed step by
-        step); Winograd, meant for float32, stays off. On CUDA (H100,
-        ConvLSTM-S: 2.8x eager bf16 at batch 16, 1.1x at batch 64) all of them but
-        batched_wgrad, not yet measured on a GPU, and winograd and native_gates, which are
-        for the CPU. On the CPU, where training is bound by the convolutions' arithmetic,
-        hoisting, Winograd 3x3 and 5x5 convolutions and the C gate update (2-core AVX-512
-        Xeon, mmnist-cpu-small: 1.74x eager at batch 8, 1.84x at batch 16; ConvLSTM-S:
-        2.55x at batch 2; ConvGRU 2.28x; on a 2-core AVX2 EPYC a session earlier, 1.80x,
-        2.05x and 3.01x); channels-last and compiled gates measured no better than eager
-        within the CPU's noise."""
+        device in experiments/benchmark.
+
+        On CUDA (H100, ConvLSTM-S: 2.8x eager bf16 at batch 16, 1.1x at batch 64): all of
+        them but batched_wgrad, not yet measured on a GPU, and winograd and native_gates,
+        which are for the CPU.
+
+        On a CPU under bf16 / fp16 autocast (where AMX units run bf16 convolutions at 4-9x
+        the float32 rate): hoisting; channels-last, the layout of oneDNN's fastest bf16
+        kernels; the weight gradient batched over the steps (per-step bf16 weight gradients
+        ran at half the rate and were summed step by step); and the C gate update. Winograd,
+        meant for float32, stays off. 2-core Xeon with AMX, against eager float32:
+        mmnist-cpu-small 2.16x at batch 8 and 2.42x at batch 16, ConvLSTM-S 3.84x at batch 2.
+
+        On a CPU in float32, where training is bound by the convolutions' arithmetic:
+        hoisting, Winograd 3x3 and 5x5 convolutions and the C gate update. 2-core AVX-512
+        Xeon, mmnist-cpu-small: 1.74x eager at batch 8, 1.84x at batch 16; ConvLSTM-S 2.55x
+        at batch 2; ConvGRU 2.28x. On a 2-core AVX2 EPYC a session earlier: 1.80x, 2.05x and
+        3.01x. Channels-last and compiled gates measured no better than eager within the
+        CPU's noise."""
         if path == "eager":
             return cls(checkpointing=checkpointing)
         if path != "fast":
             raise ConfigError(f"path must be 'eager' or 'fast', got {path!r}")
         cuda = torch.device(device).type == "cuda"
-        if not cuda and amp_dtype is not None:
+        if not cuda and amp_dtype == torch.bfloat16:
             return cls(
                 hoist=True,
                 channels_last=True,
@@ -163,9 +176,10 @@ def cpu_bf16_units() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no way to ask here, so no
         return False
-    if " amx_bf16" not in flags:
-        return False
-    init = getattr(torch._C._cpu, "_init_amx", None)  # the kernel's permission for the tiles
+    if " amx_bf16" not in flags or not torch.backends.mkldnn.is_available():
+        return False  # (without oneDNN, PyTorch's own bf16 convolutions are slow)
+    # the Linux kernel's permission for the tiles, which oneDNN would otherwise ask itself
+    init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
     return bool(init()) if init is not None else True
 
 

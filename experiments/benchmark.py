@@ -3,14 +3,14 @@
     python -m experiments.benchmark                          # ConvLSTM-S at batch 16 and 64
     python -m experiments.benchmark --device cpu --preset mmnist-cpu-small --batch-sizes 16
 
-Measures, in order: the matrix-product ceiling of the device (bf16 on CUDA, fp32 on the
-CPU); the FLOPs of one training sequence (torch's FLOP counter, forward and backward); the
-training rate of each path at each batch size, with TFLOP/s, share of the ceiling, peak
-memory and warm-up time (compilation and graph capture); the latency of one streaming step
-at batch 1 and the forecast rate; and the Moving MNIST generator's rate. Training follows
-OpenSTL's semantics once scheduled sampling has ended: the loss covers all 19 predicted
-frames and every forecast step is fed the model's own previous prediction. One table last;
---out also writes the numbers as JSON.
+Measures, in order: the matrix-product ceiling of the device (bf16 on CUDA and on a CPU
+with AMX-BF16 units, else fp32); the FLOPs of one training sequence (torch's FLOP counter,
+forward and backward); the training rate of each path at each batch size, with TFLOP/s,
+share of the ceiling, peak memory and warm-up time (compilation and graph capture); the
+latency of one streaming step at batch 1 and the forecast rate; and the Moving MNIST
+generator's rate. Training follows OpenSTL's semantics once scheduled sampling has ended:
+the loss covers all 19 predicted frames and every forecast step is fed the model's own
+previous prediction. One table last; --out also writes the numbers as JSON.
 
 TFLOP/s are model FLOPs: the eager path's count times the rate, for every path (the fast
 path skips one zero-state convolution per layer; checkpointing recomputes the forward).

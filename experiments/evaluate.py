@@ -26,7 +26,13 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=None, help="metrics JSON (default: print only)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="auto: as the run resolved it (bf16 on CUDA, and for a fast-path run on a CPU "
+        "with AMX-BF16 units; else fp32)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--context-frames", type=int, default=None, help="default: as trained")
     parser.add_argument("--horizon", type=int, default=None, help="default: as trained")
@@ -45,7 +51,8 @@ def main(argv=None) -> dict:
     horizon = args.horizon if args.horizon is not None else trained["horizon"]
     data_cfg = build(DataConfig, {**payload["extra"].get("data", {}), **given(args, DataConfig)})
     device = resolve_device(args.device)
-    amp_dtype, _ = resolve_precision(args.precision, device)
+    # "auto" as the run resolved it (bf16 for a fast-path run on a CPU with AMX-BF16 units)
+    amp_dtype, _ = resolve_precision(args.precision, device, trained.get("path", "eager"))
 
     test_set, test_desc = test_sequences(data_cfg, context_frames + horizon)
     model.to(device)

@@ -45,8 +45,8 @@ def _fast_path_batches_weight_grads(monkeypatch) -> None:
         SpeedOptions,
         "for_path",
         classmethod(
-            lambda cls, path, dev, checkpointing=False: dataclasses.replace(
-                for_path(path, dev, checkpointing), batched_wgrad=path == "fast"
+            lambda cls, path, dev, checkpointing=False, amp_dtype=None: dataclasses.replace(
+                for_path(path, dev, checkpointing, amp_dtype), batched_wgrad=path == "fast"
             )
         ),
     )
