@@ -15,7 +15,8 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 - cuda_graph: the whole forward and backward of a training step captured once as a CUDA graph
   and replayed: no Python or launch overhead per kernel (static shapes; CUDA only).
 - fused_optimizer: Adam / AdamW's fused CUDA kernel for all parameters at once.
-- batched_wgrad: each ConvLSTM gate weight's gradient computed once per sequence, over all
+- batched_wgrad: each ConvLSTM, ConvGRU and ConvRNN weight's gradient computed once per
+  sequence, over all
   its steps stacked (convlstm.wgrad), instead of one small product per step summed in the
   compute dtype. More peak memory (each step's gate gradient is kept); not with checkpointing.
 - winograd: the 3x3 and 5x5 convolutions of ConvLSTM, ConvGRU and ConvRNN cells by
@@ -199,8 +200,8 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
         if isinstance(module, ConvLSTMCell):
             plain = module.peephole == "none" and module.norm.kind == "none"
             module.fused_update = fused if plain else None
-            module.batched_wgrad = options.batched_wgrad
         if isinstance(module, WINOGRAD_CELLS):
+            module.batched_wgrad = options.batched_wgrad
             module.winograd = options.winograd and module.kernel_size in winograd.KERNEL_SIZES
     if options.winograd:
         native.keep_freed_memory()

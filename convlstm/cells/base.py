@@ -26,6 +26,9 @@ class RecurrentCell(nn.Module):
     checkpointing = False  # recompute each step's activations in backward (less memory)
     channels_last = False  # new zero states in channels-last memory format
     winograd = False  # 3x3 / 5x5 convolutions by Winograd (cells with step_convs; the CPU)
+    # the convolutions' weight gradients made once per sequence (convlstm.wgrad), for the
+    # cells whose open_sequence supports it (ConvLSTM, ConvGRU, ConvRNN)
+    batched_wgrad = False
     sequence_conv = None  # what open_sequence made, while a sequence is open (sequence_scope)
 
     def __init__(self, *, in_channels: int, hidden_channels: int, kernel_size: int) -> None:

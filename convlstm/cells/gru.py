@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from convlstm import winograd
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, with_input
 from convlstm.errors import ConfigError
+from convlstm.wgrad import WeightGradBatch
 
 
 class _GRUUpdate(nn.Module):
@@ -78,11 +79,15 @@ class ConvGRUCell(RecurrentCell):
         return (self.update(from_x, conv_h(h), h),)
 
     def open_sequence(self) -> tuple | None:
-        """(W_x * ., W_h * .) by Winograd for the steps of one sequence (see sequence_scope),
-        each filter transformed once; None for the plain conv_x and conv_h."""
-        if not self.winograd_now():
-            return None
-        return self._convs(lambda c: winograd.sequence_conv(c, batch_grad=not self.checkpointing))
+        """(W_x * ., W_h * .) for the steps of one sequence (see sequence_scope): by Winograd,
+        each filter transformed once, or with batched_wgrad (while grad is enabled) each
+        weight's gradient made once; None for the plain conv_x and conv_h."""
+        if self.winograd_now():
+            batch_grad = not self.checkpointing
+            return self._convs(lambda c: winograd.sequence_conv(c, batch_grad=batch_grad))
+        if self.batched_wgrad and torch.is_grad_enabled():
+            return self._convs(_batched_conv)
+        return None
 
     def step_convs(self) -> tuple:
         return self._convs(winograd.step_conv)
@@ -111,6 +116,11 @@ class ConvGRUCell(RecurrentCell):
         (h,) = state
         conv_h = self.conv_h if weights is None else weights[1]
         return (self.update(from_x, conv_h(h), h),)
+
+
+def _batched_conv(conv: nn.Conv2d):
+    """x -> conv(x) for one sequence, its weight and bias gradients made once (wgrad)."""
+    return WeightGradBatch(conv.weight, conv.bias, conv.padding[0]).conv
 
 
 def warp(h: Tensor, flow: Tensor) -> Tensor:
@@ -224,11 +234,14 @@ class ConvRNNCell(RecurrentCell):
         return (out.to(h.dtype),)  # the state keeps its dtype (float32 under autocast)
 
     def open_sequence(self):
-        """W * . by Winograd for the steps of one sequence (see sequence_scope), the filter
-        transformed once; None for the plain self.conv."""
-        if not self.winograd_now():
-            return None
-        return winograd.sequence_conv(self.conv, batch_grad=not self.checkpointing)
+        """W * . for the steps of one sequence (see sequence_scope): by Winograd, the filter
+        transformed once, or with batched_wgrad (while grad is enabled) its gradient made
+        once; None for the plain self.conv."""
+        if self.winograd_now():
+            return winograd.sequence_conv(self.conv, batch_grad=not self.checkpointing)
+        if self.batched_wgrad and torch.is_grad_enabled():
+            return _batched_conv(self.conv)
+        return None
 
     def step_convs(self):
         return winograd.step_conv(self.conv)

@@ -55,7 +55,6 @@ class ConvLSTMCell(RecurrentCell):
 
     state_size = 2
     fused_update = None  # set by convlstm.speed: convlstm.gates' update for the plain cell
-    batched_wgrad = False  # set by convlstm.speed: the gate weights' gradient batched over time
 
     def __init__(
         self,
