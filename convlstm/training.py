@@ -60,6 +60,10 @@ def resolve_precision(
     }[precision]
 
 
+def _precision_name(amp_dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+
+
 def make_optimizer(
     model: nn.Module, cfg: TrainConfig, fused: bool = False
 ) -> torch.optim.Optimizer:
@@ -274,6 +278,13 @@ def train(
         if build(ModelConfig, payload["model_config"]) != model_config:
             raise ConfigError(f"{resume} was trained with another model config; cannot resume")
         start_step = payload["step"]
+        used = payload["extra"].get("precision_used")  # what "auto" resolved to then
+        now = _precision_name(amp_dtype)
+        if cfg.precision == "auto" and used is not None and used != now:
+            raise ConfigError(
+                f"{resume} trained in {used}, and precision=auto means {now} here: pass "
+                f"--precision {used} to go on as it ran, or --precision {now} to switch"
+            )
         if start_step >= cfg.steps:
             raise ConfigError(
                 f"{resume} is already at step {start_step}; pass steps larger than that to go on"
@@ -299,7 +310,7 @@ def train(
             scaler=scaler,
             step=step,
             metrics=metrics,
-            extra=extra_config,
+            extra={**(extra_config or {}), "precision_used": _precision_name(amp_dtype)},
         )
 
     def run_eval(step: int) -> dict[str, Any]:

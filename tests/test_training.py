@@ -154,6 +154,23 @@ def test_resume_can_extend_a_finished_run(tmp_path):
         _train(tmp_path, "again", steps=8, resume=tmp_path / "longer" / "checkpoint.pt")
 
 
+def test_resume_keeps_the_precision_auto_resolved_to(tmp_path, monkeypatch):
+    """A fast-path run that "auto" made bf16 (a CPU with AMX-BF16 units), resumed where auto
+    means fp32, is refused in one line, not switched silently; naming it goes on."""
+    from convlstm import training
+
+    monkeypatch.setattr(training, "cpu_bf16_units", lambda: True)
+    _train(tmp_path, "amx", steps=3, path="fast")
+    ckpt = tmp_path / "amx" / "checkpoint.pt"
+    assert load_checkpoint(ckpt)["extra"]["precision_used"] == "bf16"
+    monkeypatch.setattr(training, "cpu_bf16_units", lambda: False)
+    with pytest.raises(ConfigError, match="trained in bf16, and precision=auto means fp32"):
+        _train(tmp_path, "elsewhere", steps=6, path="fast", resume=ckpt)
+    assert not (tmp_path / "elsewhere").exists()
+    again = _train(tmp_path, "named", steps=6, path="fast", precision="bf16", resume=ckpt)
+    assert again["precision"] == "bfloat16" and len(again["losses"]) == 3
+
+
 def test_resume_with_another_model_config_is_refused(tmp_path):
     _train(tmp_path, "run", steps=3)
     with pytest.raises(ConfigError, match="another model config"):
