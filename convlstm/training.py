@@ -64,6 +64,22 @@ def _precision_name(amp_dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
 
 
+def check_resume_precision(
+    payload: dict[str, Any], cfg: TrainConfig, device: torch.device, name: Any
+) -> None:
+    """Refuse to resume checkpoint `payload` (from `name`) where precision="auto" now resolves
+    to another precision than the run trained in (recorded in its extra["precision_used"]
+    since the CPU fast path's bf16): e.g. a bf16 run on a CPU with AMX-BF16 units or a GPU,
+    resumed on a CPU without them. An explicit precision goes on as asked."""
+    used = payload["extra"].get("precision_used")
+    now = _precision_name(resolve_precision(cfg.precision, device, cfg.path)[0])
+    if cfg.precision == "auto" and used is not None and used != now:
+        raise ConfigError(
+            f"{name} trained in {used}, and precision=auto means {now} here: pass "
+            f"--precision {used} to go on as it ran, or --precision {now} to switch"
+        )
+
+
 def make_optimizer(
     model: nn.Module, cfg: TrainConfig, fused: bool = False
 ) -> torch.optim.Optimizer:
@@ -278,13 +294,7 @@ def train(
         if build(ModelConfig, payload["model_config"]) != model_config:
             raise ConfigError(f"{resume} was trained with another model config; cannot resume")
         start_step = payload["step"]
-        used = payload["extra"].get("precision_used")  # what "auto" resolved to then
-        now = _precision_name(amp_dtype)
-        if cfg.precision == "auto" and used is not None and used != now:
-            raise ConfigError(
-                f"{resume} trained in {used}, and precision=auto means {now} here: pass "
-                f"--precision {used} to go on as it ran, or --precision {now} to switch"
-            )
+        check_resume_precision(payload, cfg, device, resume)
         if start_step >= cfg.steps:
             raise ConfigError(
                 f"{resume} is already at step {start_step}; pass steps larger than that to go on"

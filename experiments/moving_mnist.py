@@ -20,7 +20,7 @@ from convlstm.cli import ArgumentParser, add_config_flags, given, run_main
 from convlstm.config import PRESETS, ModelConfig, TrainConfig, build, from_name, to_dict
 from convlstm.errors import ConfigError
 from convlstm.tracking import Tracker
-from convlstm.training import check_compatible, resolve_device, train
+from convlstm.training import check_compatible, check_resume_precision, resolve_device, train
 from experiments.mmnist_data import DataConfig, test_sequences, training_batches
 from experiments.report import evaluate_baselines, print_table, train_summary, write_json
 
@@ -91,6 +91,7 @@ def main(argv=None) -> dict:
                 f"{args.resume} is already at step {payload['step']}; "
                 f"pass --steps larger than that to go on"
             )
+        check_resume_precision(payload, train_cfg, resolve_device(train_cfg.device), args.resume)
     else:
         preset = args.preset
         model_cfg = from_name(preset, **given(args, ModelConfig))

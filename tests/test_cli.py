@@ -75,6 +75,22 @@ def test_resuming_a_run_that_is_already_done_is_refused_before_any_work(tmp_path
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt"]
 
 
+def test_resuming_where_auto_means_another_precision_is_refused_before_any_work(tmp_path):
+    cfg = from_name("mmnist-cpu-small", hidden_channels=(4,), kernel_size=3)
+    run_dir = tmp_path / "run"
+    ckpt = save_checkpoint(
+        run_dir / "checkpoint.pt",
+        model=build_model(cfg),
+        model_config=cfg,
+        step=2,
+        train_config=build(TrainConfig, {"steps": 5, "device": "cpu"}),  # eager: auto is fp32
+        extra={"preset": "mmnist-cpu-small", "precision_used": "bf16"},  # as if trained so
+    )
+    proc = run("experiments.moving_mnist", "--resume", str(ckpt), "--out", str(run_dir))
+    assert_one_line_error(proc, "trained in bf16, and precision=auto means fp32")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt"]
+
+
 def test_a_finished_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -607,13 +607,14 @@ def _relative_errors(config, options, dtype):
     return rel(out, out_r), {n: rel(grads[n], grads_r[n]) for n in grads_r}
 
 
-def test_the_cpu_bf16_fast_path_is_as_accurate_as_eager_bf16(monkeypatch):
+@pytest.mark.parametrize("cell", ["convlstm", "convgru", "convrnn"])
+def test_the_cpu_bf16_fast_path_is_as_accurate_as_eager_bf16(monkeypatch, cell):
     """The CPU fast path under bf16 autocast (hoisting, channels-last, batched weight
     gradients, the C gate update in float32) against float64: within a few bf16 roundings,
     and no further from it than the eager path under the same autocast."""
     from convlstm import gates, native
 
-    config = ModelConfig(hidden_channels=(16, 8), kernel_size=3, patch_size=2)
+    config = ModelConfig(hidden_channels=(16, 8), kernel_size=3, patch_size=2, cell=cell)
     options = SpeedOptions.for_path("fast", torch.device("cpu"), amp_dtype=torch.bfloat16)
     assert options == SpeedOptions(
         hoist=True, channels_last=True, batched_wgrad=True, native_gates=True
@@ -625,7 +626,8 @@ def test_the_cpu_bf16_fast_path_is_as_accurate_as_eager_bf16(monkeypatch):
         gates._NativeUpdate, "apply", lambda *args: calls.append(1) or native_apply(*args)
     )
     out_f, grads_f = _relative_errors(config, options, torch.bfloat16)
-    assert len(calls) > 0 or native.load("gates") is None  # the C bf16 update took part
+    if cell == "convlstm":  # the C bf16 update took part
+        assert len(calls) > 0 or native.load("gates") is None
     assert out_f < 5e-3 and out_f < 2 * out_e, (out_f, out_e)
     for name, error in grads_f.items():
         assert error < 2e-2 and error < 2 * grads_e[name] + 1e-3, (name, error, grads_e[name])

@@ -145,13 +145,19 @@ def test_stacked_model_makes_each_gate_weight_gradient_once_per_phase(hoist, pla
     assert _weight_calls(config, hoist, batched=True) == batched
 
 
-@pytest.mark.parametrize("hoist", [True, False], ids=["hoisted", "per-step"])
-@pytest.mark.parametrize("cell", ["convgru", "convrnn"])
+@pytest.mark.parametrize(
+    "cell, hoist", [("convgru", True), ("convgru", False), ("convrnn", False)]
+)  # ConvRNN is never hoisted
 def test_gru_and_rnn_cells_batch_their_weight_gradients(cell, hoist):
     """Equal to eager in float64; per layer, each convolution's weight gradient is made once
     per phase (context, forecast) instead of once per step."""
     config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2, cell=cell)
-    assert_fast_equals_eager(config, SpeedOptions(hoist=hoist, batched_wgrad=True))
+    options = SpeedOptions(hoist=hoist, channels_last=True, batched_wgrad=True)
+    assert_fast_equals_eager(config, options)
+    ef = ModelConfig(
+        architecture="encoder_forecaster", hidden_channels=(4, 6), kernel_size=3, cell=cell
+    )
+    assert_fast_equals_eager(ef, options)  # forecaster cells without input, too
     # 2 layers, 4 context and 3 forecast steps, plus the 1x1 head at the 4 forecast frames.
     # ConvGRU: W_x and W_h per step (W_x once over the context when hoisted); ConvRNN: its
     # one [x, h] convolution per step (it is never hoisted)

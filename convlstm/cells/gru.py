@@ -97,8 +97,13 @@ class ConvGRUCell(RecurrentCell):
 
     # The hoisted form (convlstm.speed): the input convolution for many frames at once.
     def split_weights(self) -> tuple | None:
-        """The two convolutions are separate already: None, or Winograd's (open_sequence)."""
-        return self.open_sequence()
+        """The two convolutions are separate already: None, or open_sequence's (Winograd's,
+        or with batched_wgrad a plain W_x, which runs once over all frames, and a batched
+        W_h)."""
+        convs = self.open_sequence()
+        if convs is not None and not self.winograd_now():
+            return (self.conv_x, convs[1])  # one call: nothing to batch
+        return convs
 
     def project_input(self, x: Tensor, weights: tuple | None = None) -> Tensor:
         """W_x * x + b for frames x (N, C_in, H, W) -> (N, 3C, H, W)."""
