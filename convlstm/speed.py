@@ -16,9 +16,9 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   and replayed: no Python or launch overhead per kernel (static shapes; CUDA only).
 - fused_optimizer: Adam / AdamW's fused CUDA kernel for all parameters at once.
 - batched_wgrad: each ConvLSTM, ConvGRU and ConvRNN weight's gradient computed once per
-  sequence, over all
-  its steps stacked (convlstm.wgrad), instead of one small product per step summed in the
-  compute dtype. More peak memory (each step's gate gradient is kept); not with checkpointing.
+  sequence, over all its steps stacked (convlstm.wgrad), instead of one small product per
+  step summed in the compute dtype. More peak memory (each step's gate gradient is kept);
+  not with checkpointing.
 - winograd: the 3x3 and 5x5 convolutions of ConvLSTM, ConvGRU and ConvRNN cells by
   Winograd's F(4x4, 3x3) and F(4x4, 5x5) (convlstm.winograd): 2.25 multiplications per output
   instead of 9, and 4 instead of 25, for the CPU, where training is bound by the
@@ -37,7 +37,6 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   eps of PyTorch's), for float32 / float64, and autocast's bf16 pre-activations with a
   float32 memory, on the CPU while training, where autograd's version is a dozen small
   kernels each way and a concatenation.
-
 - checkpointing: each recurrent step is recomputed in backward instead of stored.
 
 Precision: on CUDA the fast path runs under bf16 autocast ("auto"). On a CPU with AMX-BF16
@@ -116,7 +115,7 @@ class SpeedOptions:
         them but batched_wgrad, not yet measured on a GPU, and winograd and native_gates,
         which are for the CPU.
 
-        On a CPU under bf16 / fp16 autocast (where AMX units run bf16 convolutions at 4-9x
+        On a CPU under bf16 autocast (where AMX units run bf16 convolutions at 4-9x
         the float32 rate): hoisting; channels-last, the layout of oneDNN's fastest bf16
         kernels; the weight gradient batched over the steps (per-step bf16 weight gradients
         ran at half the rate and were summed step by step); and the C gate update. Winograd,

@@ -60,7 +60,8 @@ def resolve_precision(
     }[precision]
 
 
-def _precision_name(amp_dtype: torch.dtype | None) -> str:
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """The precision flag's name for an autocast dtype (None: fp32)."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
 
 
@@ -72,7 +73,7 @@ def check_resume_precision(
     since the CPU fast path's bf16): e.g. a bf16 run on a CPU with AMX-BF16 units or a GPU,
     resumed on a CPU without them. An explicit precision goes on as asked."""
     used = payload["extra"].get("precision_used")
-    now = _precision_name(resolve_precision(cfg.precision, device, cfg.path)[0])
+    now = precision_name(resolve_precision(cfg.precision, device, cfg.path)[0])
     if cfg.precision == "auto" and used is not None and used != now:
         raise ConfigError(
             f"{name} trained in {used}, and precision=auto means {now} here: pass "
@@ -320,7 +321,7 @@ def train(
             scaler=scaler,
             step=step,
             metrics=metrics,
-            extra={**(extra_config or {}), "precision_used": _precision_name(amp_dtype)},
+            extra={**(extra_config or {}), "precision_used": precision_name(amp_dtype)},
         )
 
     def run_eval(step: int) -> dict[str, Any]:

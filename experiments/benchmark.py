@@ -41,6 +41,7 @@ from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed, cpu_bf
 from convlstm.training import (
     TrainStep,
     make_optimizer,
+    precision_name,
     resolve_device,
     resolve_precision,
 )
@@ -77,10 +78,10 @@ VARIANTS: dict[str, tuple[str, Options]] = {
     "fast-with-channels-last": ("auto", _fast(channels_last=True)),
     "fast-with-fused-gates": ("auto", _fast(fused_gates=True, native_gates=False)),
     "fast-with-batched-wgrad": ("auto", _fast(batched_wgrad=True, winograd=False)),
+    "fast-no-native-gates": ("auto", _fast(native_gates=False)),
     # the float32 CPU path's parts (Winograd and the C gate update run in float32)
     "fast-fp32-no-winograd": ("fp32", _fast(winograd=False)),
     "fast-fp32-no-native-gates": ("fp32", _fast(native_gates=False)),
-    "fast-no-native-gates": ("auto", _fast(native_gates=False)),
 }
 DEFAULT_VARIANTS = {
     "cuda": [
@@ -134,8 +135,7 @@ def matmul_ceiling(device: torch.device) -> tuple[float, str]:
 def resolve_variant(name: str, device: torch.device) -> tuple[str, SpeedOptions]:
     precision, options = VARIANTS[name]
     amp_dtype, _ = resolve_precision(precision, device, path="fast")
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    return precision, options(device, amp_dtype)
+    return precision_name(amp_dtype), options(device, amp_dtype)
 
 
 def train_config(batch: int, precision: str, device: torch.device) -> TrainConfig:

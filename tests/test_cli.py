@@ -59,33 +59,31 @@ def test_a_test_file_of_the_wrong_rank_is_refused(tmp_path):
     assert not out.exists()
 
 
-def test_resuming_a_run_that_is_already_done_is_refused_before_any_work(tmp_path):
+def _saved_run(run_dir, step: int, train: dict, **extra):
+    """A small mmnist-cpu-small run's checkpoint at `step`, in run_dir."""
     cfg = from_name("mmnist-cpu-small", hidden_channels=(4,), kernel_size=3)
-    run_dir = tmp_path / "run"
-    ckpt = save_checkpoint(
+    return save_checkpoint(
         run_dir / "checkpoint.pt",
         model=build_model(cfg),
         model_config=cfg,
-        step=5,
-        train_config=build(TrainConfig, {"steps": 5}),
-        extra={"preset": "mmnist-cpu-small"},
+        step=step,
+        train_config=build(TrainConfig, train),
+        extra={"preset": "mmnist-cpu-small", **extra},
     )
+
+
+def test_resuming_a_run_that_is_already_done_is_refused_before_any_work(tmp_path):
+    run_dir = tmp_path / "run"
+    ckpt = _saved_run(run_dir, 5, {"steps": 5})
     proc = run("experiments.moving_mnist", "--resume", str(ckpt), "--out", str(run_dir))
     assert_one_line_error(proc, "already at step 5")
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt"]
 
 
 def test_resuming_where_auto_means_another_precision_is_refused_before_any_work(tmp_path):
-    cfg = from_name("mmnist-cpu-small", hidden_channels=(4,), kernel_size=3)
     run_dir = tmp_path / "run"
-    ckpt = save_checkpoint(
-        run_dir / "checkpoint.pt",
-        model=build_model(cfg),
-        model_config=cfg,
-        step=2,
-        train_config=build(TrainConfig, {"steps": 5, "device": "cpu"}),  # eager: auto is fp32
-        extra={"preset": "mmnist-cpu-small", "precision_used": "bf16"},  # as if trained so
-    )
+    # the eager path on the CPU: auto is fp32; the run recorded bf16, as if trained so
+    ckpt = _saved_run(run_dir, 2, {"steps": 5, "device": "cpu"}, precision_used="bf16")
     proc = run("experiments.moving_mnist", "--resume", str(ckpt), "--out", str(run_dir))
     assert_one_line_error(proc, "trained in bf16, and precision=auto means fp32")
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt"]

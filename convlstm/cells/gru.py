@@ -100,10 +100,9 @@ class ConvGRUCell(RecurrentCell):
         """The two convolutions are separate already: None, or open_sequence's (Winograd's,
         or with batched_wgrad a plain W_x, which runs once over all frames, and a batched
         W_h)."""
-        convs = self.open_sequence()
-        if convs is not None and not self.winograd_now():
-            return (self.conv_x, convs[1])  # one call: nothing to batch
-        return convs
+        if self.winograd_now() or not (self.batched_wgrad and torch.is_grad_enabled()):
+            return self.open_sequence()
+        return (self.conv_x, _batched_conv(self.conv_h))  # W_x: one call, nothing to batch
 
     def project_input(self, x: Tensor, weights: tuple | None = None) -> Tensor:
         """W_x * x + b for frames x (N, C_in, H, W) -> (N, 3C, H, W)."""
