@@ -6,11 +6,12 @@
 Measures, in order: the matrix-product ceiling of the device (bf16 on CUDA and on a CPU
 with AMX-BF16 units, else fp32); the FLOPs of one training sequence (torch's FLOP counter,
 forward and backward); the training rate of each path at each batch size, with TFLOP/s,
-share of the ceiling, peak memory and warm-up time (compilation and graph capture); the
-latency of one streaming step at batch 1 and the forecast rate; and the Moving MNIST
-generator's rate. Training follows OpenSTL's semantics once scheduled sampling has ended:
-the loss covers all 19 predicted frames and every forecast step is fed the model's own
-previous prediction. One table last; --out also writes the numbers as JSON.
+share of the ceiling, peak memory (CUDA's allocator peak; on the CPU, one step's peak of live
+tensors, convlstm.memory) and warm-up time (compilation and graph capture); the latency of
+one streaming step at batch 1 and the forecast rate; and the Moving MNIST generator's rate.
+Training follows OpenSTL's semantics once scheduled sampling has ended: the loss covers all
+19 predicted frames and every forecast step is fed the model's own previous prediction. One
+table last; --out also writes the numbers as JSON.
 
 TFLOP/s are model FLOPs: the eager path's count times the rate, for every path (the fast
 path skips one zero-state convolution per layer; checkpointing recomputes the forward).
@@ -36,6 +37,7 @@ from convlstm.cli import ArgumentParser, run_main
 from convlstm.config import PRESETS, TrainConfig, build, from_name
 from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast
+from convlstm.memory import LiveTensors
 from convlstm.models import MODELS, build_model
 from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed, cpu_bf16_units
 from convlstm.training import (
@@ -94,9 +96,22 @@ DEFAULT_VARIANTS = {
         "fast-with-batched-wgrad",
         "fast-checkpointing",
     ],
-    "cpu": ["eager-fp32", "fast", "fast-fp32-no-native-gates", "fast-fp32-no-winograd"],
+    "cpu": [
+        "eager-fp32",
+        "fast",
+        "fast-fp32-no-native-gates",
+        "fast-fp32-no-winograd",
+        "fast-checkpointing",
+    ],
     # a CPU with AMX-BF16 units, where "fast" runs in bf16
-    "cpu-bf16": ["eager-fp32", "eager-bf16", "fast", "fast-no-batched-wgrad", "fast-fp32"],
+    "cpu-bf16": [
+        "eager-fp32",
+        "eager-bf16",
+        "fast",
+        "fast-no-batched-wgrad",
+        "fast-fp32",
+        "fast-checkpointing",
+    ],
 }
 
 
@@ -175,6 +190,18 @@ def _train_step(model, model_cfg, cfg, options, device) -> TrainStep:
     return TrainStep(model, cfg, optimizer, scaler, options, device, amp_dtype, feeds_back)
 
 
+def tensor_peak_gib(step: TrainStep, batch: torch.Tensor) -> float:
+    """Peak tensor memory of one training step where no allocator counts it (the CPU): the
+    parameters, their gradients, the optimizer's state and the batch, plus everything the
+    step allocates, at the most at once (convlstm.memory.LiveTensors)."""
+    params = list(step.model.parameters())
+    with LiveTensors() as live:
+        live.keep(params, list(step.model.buffers()), [p.grad for p in params], batch)
+        live.keep(list(step.optimizer.state.values()))
+        step(batch, None)
+    return live.peak_bytes / 2**30
+
+
 def time_training(
     preset: str,
     batch: int,
@@ -209,7 +236,10 @@ def time_training(
         loss = step(batches[i % len(batches)], None)
     sync(device)
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak = tensor_peak_gib(step, batches[0])
     return {
         "train_seq_per_s": count * batch / elapsed,
         "steps_timed": count,
@@ -254,15 +284,18 @@ def time_training_interleaved(
             times[k].append(time.perf_counter() - start)
             spent += times[k][-1]
         rounds += 1
+    # several models live at once, so CUDA's allocator peak is no one variant's; on the CPU
+    # each variant's step is measured from its own tensors
+    cpu = device.type != "cuda"
     return [
         {
             "train_seq_per_s": batch / statistics.median(t),
             "steps_timed": len(t),
             "warmup_s": w,
-            "peak_memory_gib": None,  # several models live at once: not one variant's peak
+            "peak_memory_gib": tensor_peak_gib(step, batches[0]) if cpu else None,
             "final_loss": None,
         }
-        for t, w in zip(times, warmups, strict=True)
+        for t, w, step in zip(times, warmups, steps, strict=True)
     ]
 
 
@@ -356,7 +389,7 @@ def main(argv=None) -> dict:
         "--interleave",
         action="store_true",
         help="time the variants' training steps in turn (alternating order, medians): fair "
-        "ratios on a machine whose speed drifts; peak memory is then not reported",
+        "ratios on a machine whose speed drifts; peak memory is then reported on the CPU only",
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--mnist-dir", default=None)
@@ -515,7 +548,7 @@ def _train_line(e: dict[str, Any]) -> str:
     head = f"{e['variant']:<24} {e['precision']:<5} {e['batch']:>5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
-    peak = f"{e['peak_memory_gib']:8.2f}" if e["peak_memory_gib"] is not None else "       -"
+    peak = _figures(e["peak_memory_gib"], 8) if e["peak_memory_gib"] is not None else "       -"
     return (
         f"{head} {_figures(e['train_seq_per_s'], 10)} {_figures(e['tflops'], 8)} "
         f"{100 * e['share_of_ceiling']:7.1f}% {peak} {e['warmup_s']:8.1f}"

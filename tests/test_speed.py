@@ -477,6 +477,7 @@ def test_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path, mnist_dir, cap
     assert [e["variant"] for e in saved["training"]] == ["eager-fp32", "fast"]
     for entry in saved["training"]:
         assert "error" not in entry and entry["train_seq_per_s"] > 0
+        assert 0 < entry["peak_memory_gib"] < 1  # live tensors of one step: a few MB here
     assert [e["variant"] for e in saved["inference"]] == ["eager-fp32", "fast"]
     assert saved["generator_seq_per_s"] > 0
     assert "convolution" in saved["profile"]  # the kernel table of the profiled variant
@@ -524,6 +525,7 @@ def test_interleaved_timing_alternates_the_order_and_takes_medians(monkeypatch):
 
     monkeypatch.setattr(benchmark, "_train_step", fake_train_step)
     monkeypatch.setattr(benchmark, "time", clock)
+    monkeypatch.setattr(benchmark, "tensor_peak_gib", lambda step, batch: 0.25)
     variants = [("fp32", SpeedOptions()), ("fp32", SpeedOptions(hoist=True))]
     batch = torch.zeros(4, 20, 1, 64, 64)
     out = benchmark.time_training_interleaved(
@@ -534,7 +536,7 @@ def test_interleaved_timing_alternates_the_order_and_takes_medians(monkeypatch):
     assert out[0]["steps_timed"] == out[1]["steps_timed"] >= 5
     assert out[0]["train_seq_per_s"] == pytest.approx(4 / 0.1)  # the outlier is not the median
     assert out[1]["train_seq_per_s"] == pytest.approx(4 / 0.3)
-    assert out[0]["peak_memory_gib"] is None
+    assert out[0]["peak_memory_gib"] == 0.25  # on the CPU each variant's own step's peak
 
 
 def test_benchmark_interleaved_run_reports_every_variant(tmp_path, mnist_dir, monkeypatch):
@@ -547,6 +549,7 @@ def test_benchmark_interleaved_run_reports_every_variant(tmp_path, mnist_dir, mo
     assert report["interleaved"] is True
     assert [e["variant"] for e in report["training"]] == ["eager-fp32", "fast"]
     assert all("error" not in e and e["train_seq_per_s"] > 0 for e in report["training"])
+    assert all(0 < e["peak_memory_gib"] < 1 for e in report["training"])
 
 
 @pytest.mark.parametrize(

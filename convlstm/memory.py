@@ -1,0 +1,79 @@
+"""Peak tensor memory of a piece of work, on any device, from the tensors themselves.
+
+CUDA's caching allocator counts its own peak (torch.cuda.max_memory_allocated); PyTorch keeps
+no such count for the CPU. LiveTensors does it from above: inside it, every tensor an operator
+returns (forward and backward alike) is noted by its storage, once, with a finaliser that
+takes its bytes off when the storage is freed; the peak is the most bytes live at once. Views
+share their base's storage and count once. Tensors that exist before (parameters, optimizer
+state, a batch) count once registered with keep().
+
+What it cannot see: memory that is no tensor (oneDNN's scratch space, the C kernels' tile
+buffers in convlstm/tiles.c), and work replayed by a CUDA graph, which dispatches nothing.
+
+    with LiveTensors() as live:
+        live.keep(model.parameters(), batch)
+        step(batch)
+    live.peak_bytes
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveTensors(TorchDispatchMode):
+    """Bytes of tensor storage live inside the mode, now (live_bytes) and at most (peak_bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._storages: dict[int, weakref.finalize] = {}
+
+    def keep(self, *tensors: Any) -> None:
+        """Count tensors made before (nested lists, dicts and iterables of them, such as
+        model.parameters() or an optimizer's state): live until they are freed."""
+        leaves = []
+        for item in tensors:
+            if isinstance(item, torch.Tensor | dict | list | tuple):
+                leaves.extend(tree_flatten(item)[0])
+            elif isinstance(item, Iterable):
+                leaves.extend(tree_flatten(list(item))[0])
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                self._note(leaf)
+
+    def _note(self, tensor: torch.Tensor) -> None:
+        if tensor.is_meta or tensor.layout != torch.strided:
+            return
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._storages:
+            return
+        size = storage.nbytes()
+        self._storages[key] = weakref.finalize(storage, self._freed, key, size)
+        self.live_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _freed(self, key: int, size: int) -> None:
+        self._storages.pop(key, None)
+        self.live_bytes -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor):
+                self._note(leaf)
+        return out
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for finaliser in self._storages.values():  # the counts stay; the hooks go
+            finaliser.detach()
+        self._storages.clear()
