@@ -22,6 +22,7 @@ from convlstm.config import ModelConfig, TrainConfig, build, to_dict
 from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast, evaluate
 from convlstm.losses import get_loss
+from convlstm.memory import LiveTensors
 from convlstm.models import MODELS, build_model, count_parameters
 from convlstm.speed import GraphedStep, SpeedOptions, apply_speed, cpu_bf16_units
 from convlstm.tracking import Tracker
@@ -242,6 +243,17 @@ class TrainStep:
         self.scaler.update()
         return loss
 
+    def with_peak_memory(self, batch: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
+        """(loss, peak bytes) of one step, where no allocator counts a peak (the CPU): the
+        bytes of tensors live at once (convlstm.memory.LiveTensors), counting the parameters,
+        their gradients, the optimizer's state and the batch."""
+        params = list(self.model.parameters())
+        with LiveTensors() as live:
+            live.keep(params, list(self.model.buffers()), [p.grad for p in params], batch, mask)
+            live.keep(list(self.optimizer.state.values()))
+            loss = self(batch, mask)
+        return loss, live.peak_bytes
+
 
 def train(
     model_config: ModelConfig,
@@ -283,6 +295,7 @@ def train(
         )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN time its algorithms
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     model = apply_speed(build_model(model_config).to(device), speed)
     optimizer = make_optimizer(model, cfg, fused=speed.fused_optimizer)
@@ -363,6 +376,7 @@ def train(
     losses: list[tuple[int, float]] = []  # (step, mean loss over the log window)
     throughput: list[tuple[int, float]] = []  # (step, training sequences/s over the window)
     metrics: dict[str, Any] = {}
+    peak_bytes = 0
     step = start_step
     while step < cfg.steps:
         batch = train_batches(step)  # (B, T, C, H, W)
@@ -372,7 +386,10 @@ def train(
             )
         batch = batch.to(device, non_blocking=True)
         mask = teacher_mask(cfg, step, batch.shape[0], device)
-        loss = train_step(batch, mask)
+        if step == start_step and device.type != "cuda":  # CUDA's allocator keeps its peak
+            loss, peak_bytes = train_step.with_peak_memory(batch, mask)
+        else:
+            loss = train_step(batch, mask)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used (a float: no sync)
         scheduler.step()
 
@@ -431,6 +448,8 @@ def train(
     progress.close()
     train_seconds = time.perf_counter() - train_start
     steps_run = cfg.steps - start_step
+    if device.type == "cuda":
+        peak_bytes = torch.cuda.max_memory_allocated(device)
 
     metrics = run_eval(cfg.steps)
     ckpt_path = checkpoint(cfg.steps, metrics)
@@ -454,6 +473,8 @@ def train(
         "parameters": count_parameters(model),
         "train_seconds": train_seconds,
         "train_seq_per_s": steps_run * cfg.batch_size / train_seconds if steps_run else 0.0,
+        # CUDA: the allocator's peak over training; CPU: the first step's live tensors
+        "peak_memory_gib": peak_bytes / 2**30,
         "config": {"model": to_dict(model_config), "train": to_dict(cfg)},
     }
 

@@ -37,7 +37,6 @@ from convlstm.cli import ArgumentParser, run_main
 from convlstm.config import PRESETS, TrainConfig, build, from_name
 from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast
-from convlstm.memory import LiveTensors
 from convlstm.models import MODELS, build_model
 from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed, cpu_bf16_units
 from convlstm.training import (
@@ -191,15 +190,8 @@ def _train_step(model, model_cfg, cfg, options, device) -> TrainStep:
 
 
 def tensor_peak_gib(step: TrainStep, batch: torch.Tensor) -> float:
-    """Peak tensor memory of one training step where no allocator counts it (the CPU): the
-    parameters, their gradients, the optimizer's state and the batch, plus everything the
-    step allocates, at the most at once (convlstm.memory.LiveTensors)."""
-    params = list(step.model.parameters())
-    with LiveTensors() as live:
-        live.keep(params, list(step.model.buffers()), [p.grad for p in params], batch)
-        live.keep(list(step.optimizer.state.values()))
-        step(batch, None)
-    return live.peak_bytes / 2**30
+    """Peak tensor memory of one training step where no allocator counts it (the CPU)."""
+    return step.with_peak_memory(batch, None)[1] / 2**30
 
 
 def time_training(

@@ -55,6 +55,7 @@ def test_main_job_lowers_the_loss_and_writes_every_output(tmp_path, mnist_dir):
     assert set(saved["baselines"]) == {"persistence", "blank", "mean frame"}
     assert len(saved["model"]["per_lead"]["mse_frame"]) == 10
     assert "generated: 8 sequences" in saved["test_set"]
+    assert 0 < saved["train"]["peak_memory_gib"] < 1
     assert (out / "forecast.gif").stat().st_size > 0
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 30
 
@@ -221,3 +222,13 @@ def test_reduced_precision_on_cpu_trains_finite(tmp_path, precision):
     result = _train(tmp_path, precision, precision=precision, checkpoint_every=0)
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result["losses"])
     assert result["precision"] == {"fp16": "float16", "bf16": "bfloat16"}[precision]
+
+
+def test_training_reports_its_peak_memory_and_checkpointing_lowers_it(tmp_path):
+    """On the CPU, the first step's live tensors (convlstm.memory); recomputing the forward
+    in backward keeps fewer of them."""
+    plain = _train(tmp_path, "plain", checkpoint_every=0)
+    recomputed = _train(tmp_path, "recomputed", checkpoint_every=0, activation_checkpointing=True)
+    assert 0 < recomputed["peak_memory_gib"] < 0.8 * plain["peak_memory_gib"]
+    losses = [loss for _, loss in plain["losses"]]
+    assert [loss for _, loss in recomputed["losses"]] == pytest.approx(losses, rel=1e-5)
