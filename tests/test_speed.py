@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from convlstm import training
+from convlstm import speed, training
 from convlstm.cells.base import with_input
 from convlstm.cells.lstm import lstm_update
 from convlstm.config import ModelConfig, TrainConfig, build
@@ -686,3 +686,34 @@ def test_streaming_predictor_under_autocast_with_the_fast_options():
             out = stream(frame)
             assert out.dtype == state.prediction.dtype  # the prediction's dtype under autocast
             torch.testing.assert_close(out, state.prediction)
+
+
+@pytest.mark.parametrize(
+    "flags, permission, expected",
+    [
+        ({"avx512f", "avx512_bf16"}, True, False),  # bf16 instructions without the tiles
+        ({"avx512_bf16", "amx_tile", "amx_bf16"}, True, True),
+        ({"amx_tile", "amx_bf16"}, False, False),  # the kernel refused the tiles
+        (set(), True, False),  # not Linux, or no flags line
+    ],
+)
+def test_cpu_bf16_units_need_amx_tiles_and_the_kernels_permission(
+    monkeypatch, flags, permission, expected
+):
+    monkeypatch.setattr(speed, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(speed, "_amx_permission", lambda: permission)
+    speed.cpu_bf16_units.cache_clear()
+    try:
+        assert speed.cpu_bf16_units() is expected
+    finally:
+        speed.cpu_bf16_units.cache_clear()  # the real answer again for later tests
+
+
+def test_cpu_flags_are_read_from_the_flags_line(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx512f amx_bf16\n\n")
+    assert speed._cpu_flags(str(x86)) == {"fpu", "avx512f", "amx_bf16"}
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert speed._cpu_flags(str(arm)) == set()
+    assert speed._cpu_flags(str(tmp_path / "missing")) == set()
