@@ -8,7 +8,10 @@ share their base's storage and count once. Tensors that exist before (parameters
 state, a batch) count once registered with keep().
 
 What it cannot see: memory that is no tensor (oneDNN's scratch space, the C kernels' tile
-buffers in convlstm/tiles.c), and work replayed by a CUDA graph, which dispatches nothing.
+buffers in convlstm/tiles.c), tensors without a strided storage (sparse, mkldnn, nested), and
+work replayed by a CUDA graph, which dispatches nothing. A tensor made before and not kept
+counts in full when a view of it first comes out of an operator. torch.compile does not
+compile frames run inside the mode, so compiled code runs eagerly there.
 
     with LiveTensors() as live:
         live.keep(model.parameters(), batch)
@@ -34,7 +37,8 @@ class LiveTensors(TorchDispatchMode):
         super().__init__()
         self.live_bytes = 0
         self.peak_bytes = 0
-        self._storages: dict[int, weakref.finalize] = {}
+        self._sizes: dict[int, int] = {}  # storage -> bytes, while it lives
+        self._finalisers: dict[int, weakref.finalize] = {}
 
     def keep(self, *tensors: Any) -> None:
         """Count tensors made before (nested lists, dicts and iterables of them, such as
@@ -51,19 +55,24 @@ class LiveTensors(TorchDispatchMode):
 
     def _note(self, tensor: torch.Tensor) -> None:
         if tensor.is_meta or tensor.layout != torch.strided:
+            return  # no storage of its own to count (sparse, mkldnn, nested: not counted)
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # a wrapper subclass without one
             return
-        storage = tensor.untyped_storage()
-        key = storage._cdata
-        if key in self._storages:
-            return
-        size = storage.nbytes()
-        self._storages[key] = weakref.finalize(storage, self._freed, key, size)
-        self.live_bytes += size
+        key, size = storage._cdata, storage.nbytes()
+        if key in self._sizes:  # seen before: only a resize_ (or out=) can have grown it
+            self.live_bytes += size - self._sizes[key]
+            self._sizes[key] = size
+        else:
+            self._sizes[key] = size
+            self._finalisers[key] = weakref.finalize(storage, self._freed, key)
+            self.live_bytes += size
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
-    def _freed(self, key: int, size: int) -> None:
-        self._storages.pop(key, None)
-        self.live_bytes -= size
+    def _freed(self, key: int) -> None:
+        self._finalisers.pop(key, None)
+        self.live_bytes -= self._sizes.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -74,6 +83,7 @@ class LiveTensors(TorchDispatchMode):
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
-        for finaliser in self._storages.values():  # the counts stay; the hooks go
+        for finaliser in self._finalisers.values():  # the counts stay; the hooks go
             finaliser.detach()
-        self._storages.clear()
+        self._finalisers.clear()
+        self._sizes.clear()

@@ -190,9 +190,10 @@ def _amx_permission() -> bool:
 def cpu_bf16_units() -> bool:
     """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later), with which
     oneDNN runs bf16 convolutions at several times the float32 rate (a 2-core Xeon: 4-9x
-    at ConvLSTM's shapes). Without them bf16 is slower than float32 on a CPU, AVX512-BF16
-    instructions included: with oneDNN held to those (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)
-    the bf16 fast path trained at 0.80-0.93x eager float32 (mmnist-cpu-small, ConvLSTM-S)."""
+    at ConvLSTM's shapes). Without them bf16 is taken to be slower than float32: on that
+    Xeon with oneDNN held to AVX512-BF16 instructions (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16,
+    as on AMD Zen 4) the bf16 fast path trained at 0.80-0.93x eager float32
+    (mmnist-cpu-small, ConvLSTM-S); no CPU without AMX itself has run it."""
     if "amx_bf16" not in _cpu_flags() or not torch.backends.mkldnn.is_available():
         return False  # (without oneDNN, PyTorch's own bf16 convolutions are slow)
     return _amx_permission()

@@ -246,7 +246,8 @@ class TrainStep:
     def with_peak_memory(self, batch: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
         """(loss, peak bytes) of one step, where no allocator counts a peak (the CPU): the
         bytes of tensors live at once (convlstm.memory.LiveTensors), counting the parameters,
-        their gradients, the optimizer's state and the batch."""
+        their gradients, the optimizer's state and the batch (where they exist yet: a run's
+        first step has no gradients and no optimizer state before its end)."""
         params = list(self.model.parameters())
         with LiveTensors() as live:
             live.keep(params, list(self.model.buffers()), [p.grad for p in params], batch, mask)
@@ -295,7 +296,6 @@ def train(
         )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN time its algorithms
-        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     model = apply_speed(build_model(model_config).to(device), speed)
     optimizer = make_optimizer(model, cfg, fused=speed.fused_optimizer)
@@ -359,6 +359,8 @@ def train(
 
     frames_needed = cfg.context_frames + cfg.horizon
     feeds_back = MODELS[model_config.architecture].feeds_back
+    if device.type == "cuda":  # the peak of the training loop (its evaluations included)
+        torch.cuda.reset_peak_memory_stats(device)
 
     train_step = TrainStep(model, cfg, optimizer, scaler, speed, device, amp_dtype, feeds_back)
     progress = tqdm(
@@ -376,7 +378,9 @@ def train(
     losses: list[tuple[int, float]] = []  # (step, mean loss over the log window)
     throughput: list[tuple[int, float]] = []  # (step, training sequences/s over the window)
     metrics: dict[str, Any] = {}
-    peak_bytes = 0
+    # the CPU's peak memory: one step's live tensors, the second (the first has no gradients
+    # and no optimizer state yet), or the only one
+    peak_bytes, measured_step = 0, min(start_step + 1, cfg.steps - 1)
     step = start_step
     while step < cfg.steps:
         batch = train_batches(step)  # (B, T, C, H, W)
@@ -386,7 +390,7 @@ def train(
             )
         batch = batch.to(device, non_blocking=True)
         mask = teacher_mask(cfg, step, batch.shape[0], device)
-        if step == start_step and device.type != "cuda":  # CUDA's allocator keeps its peak
+        if step == measured_step and device.type != "cuda":  # CUDA's allocator keeps a peak
             loss, peak_bytes = train_step.with_peak_memory(batch, mask)
         else:
             loss = train_step(batch, mask)
@@ -473,7 +477,7 @@ def train(
         "parameters": count_parameters(model),
         "train_seconds": train_seconds,
         "train_seq_per_s": steps_run * cfg.batch_size / train_seconds if steps_run else 0.0,
-        # CUDA: the allocator's peak over training; CPU: the first step's live tensors
+        # CUDA: the allocator's peak over the loop; CPU: the second step's live tensors
         "peak_memory_gib": peak_bytes / 2**30,
         "config": {"model": to_dict(model_config), "train": to_dict(cfg)},
     }

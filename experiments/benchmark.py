@@ -540,7 +540,8 @@ def _train_line(e: dict[str, Any]) -> str:
     head = f"{e['variant']:<24} {e['precision']:<5} {e['batch']:>5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
-    peak = _figures(e["peak_memory_gib"], 8) if e["peak_memory_gib"] is not None else "       -"
+    gib = e["peak_memory_gib"]
+    peak = _figures(gib * 1024, 8) if gib is not None else "       -"
     return (
         f"{head} {_figures(e['train_seq_per_s'], 10)} {_figures(e['tflops'], 8)} "
         f"{100 * e['share_of_ceiling']:7.1f}% {peak} {e['warmup_s']:8.1f}"
@@ -565,7 +566,7 @@ def _print_table(report: dict[str, Any]) -> None:
     )
     print(
         f"{'training path':<24} {'prec':<5} {'batch':>5} {'seq/s':>10} {'TFLOP/s':>8} "
-        f"{'ceiling':>8} {'peak GiB':>8} {'warm s':>8}"
+        f"{'ceiling':>8} {'peak MiB':>8} {'warm s':>8}"
     )
     for entry in report["training"]:
         print(_train_line(entry))

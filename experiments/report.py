@@ -38,7 +38,7 @@ def train_summary(result: dict[str, Any]) -> dict[str, Any]:
         "steps": result["config"]["train"]["steps"],
         "seconds": round(result["train_seconds"], 1),
         "seq_per_s": round(result["train_seq_per_s"], 2),
-        # CUDA: the allocator's peak over training; CPU: the first step's live tensors
+        # CUDA: the allocator's peak over the loop; CPU: the second step's live tensors
         "peak_memory_gib": round(result["peak_memory_gib"], 4),
         "device": result["device"],
         "precision": result["precision"],

@@ -38,6 +38,16 @@ def test_frees_inside_are_taken_off():
     assert live.live_bytes == 0
 
 
+def test_a_storage_that_grows_is_counted_at_its_new_size():
+    with LiveTensors() as live:
+        a = torch.empty(0)
+        a.resize_(MB // 4)  # 1 MB now, in the storage first seen empty
+        b = torch.empty(0)
+        torch.add(torch.zeros(MB // 4), 1, out=b)  # 1 MB for zeros, 1 MB written into b
+    assert live.peak_bytes == 3 * MB
+    assert live.live_bytes == 2 * MB and a.numel() == b.numel()
+
+
 def test_tensors_made_before_count_once_kept_and_go_when_freed():
     weights = [torch.empty(MB // 4), torch.empty(MB // 4)]
     state = {"exp_avg": torch.empty(MB // 2, dtype=torch.uint8), "step": 3}

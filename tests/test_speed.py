@@ -702,6 +702,7 @@ def test_cpu_bf16_units_need_amx_tiles_and_the_kernels_permission(
 ):
     monkeypatch.setattr(speed, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(speed, "_amx_permission", lambda: permission)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
     speed.cpu_bf16_units.cache_clear()
     try:
         assert speed.cpu_bf16_units() is expected
