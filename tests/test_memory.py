@@ -51,13 +51,18 @@ def test_a_storage_that_grows_is_counted_at_its_new_size():
 def test_tensors_made_before_count_once_kept_and_go_when_freed():
     weights = [torch.empty(MB // 4), torch.empty(MB // 4)]
     state = {"exp_avg": torch.empty(MB // 2, dtype=torch.uint8), "step": 3}
+    extra = torch.empty(MB, dtype=torch.uint8)
     with LiveTensors() as live:
         live.keep(weights, [None], state, weights[0][:5])  # a view of a kept tensor: no more
         live.keep(iter(weights))  # kept twice: still once
         assert live.live_bytes == 2.5 * MB
+        live.keep(iter([extra]))  # any iterable, such as model.parameters()
+        assert live.live_bytes == 3.5 * MB
+        del extra
+        assert live.live_bytes == 2.5 * MB
         weights.pop()
         grown = torch.empty(MB, dtype=torch.uint8)
-    assert live.peak_bytes == 2.5 * MB  # the freed weight made room for `grown`
+    assert live.peak_bytes == 3.5 * MB  # the freed weight made room for `grown`
     assert live.live_bytes == 2.5 * MB and grown.numel() == MB
 
 

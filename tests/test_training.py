@@ -232,3 +232,23 @@ def test_training_reports_its_peak_memory_and_checkpointing_lowers_it(tmp_path):
     assert 0 < recomputed["peak_memory_gib"] < 0.8 * plain["peak_memory_gib"]
     losses = [loss for _, loss in plain["losses"]]
     assert [loss for _, loss in recomputed["losses"]] == pytest.approx(losses, rel=1e-5)
+
+
+def test_training_peak_is_a_steady_steps_with_gradients_and_optimizer_state(tmp_path):
+    """The reported CPU peak is that of a step taken once the gradients and Adam's moments
+    exist (live through the forward), as the benchmark measures it, not the first step's."""
+    from convlstm.models import build_model
+    from convlstm.speed import SpeedOptions
+    from experiments.benchmark import _train_step
+
+    result = _train(tmp_path, "run", checkpoint_every=0)
+    cfg = build(TrainConfig, result["config"]["train"])
+    model_cfg = build(ModelConfig, result["config"]["model"])
+    torch.manual_seed(cfg.seed)
+    cpu = torch.device("cpu")
+    step = _train_step(build_model(model_cfg), model_cfg, cfg, SpeedOptions(), cpu)
+    step(moving_squares(0), teacher_mask(cfg, 0, 4, cpu))
+    later = [
+        step.with_peak_memory(moving_squares(i), teacher_mask(cfg, i, 4, cpu))[1] for i in (1, 2)
+    ]
+    assert result["peak_memory_gib"] * 2**30 == later[0] == later[1]
