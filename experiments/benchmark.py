@@ -79,6 +79,10 @@ VARIANTS: dict[str, tuple[str, Options]] = {
     "fast-with-channels-last": ("auto", _fast(channels_last=True)),
     "fast-with-fused-gates": ("auto", _fast(fused_gates=True, native_gates=False)),
     "fast-with-batched-wgrad": ("auto", _fast(batched_wgrad=True, winograd=False)),
+    "fast-no-hoist-batched-wgrad": (
+        "auto",
+        _fast(hoist=False, batched_wgrad=True, winograd=False),
+    ),
     "fast-no-native-gates": ("auto", _fast(native_gates=False)),
     # the float32 CPU path's parts (Winograd and the C gate update run in float32)
     "fast-fp32-no-winograd": ("fp32", _fast(winograd=False)),
@@ -93,6 +97,7 @@ DEFAULT_VARIANTS = {
         "fast-no-fused-gates",
         "fast-no-hoist",
         "fast-with-batched-wgrad",
+        "fast-no-hoist-batched-wgrad",
         "fast-checkpointing",
     ],
     "cpu": [
@@ -537,7 +542,7 @@ def _figures(x: float, width: int) -> str:
 
 
 def _train_line(e: dict[str, Any]) -> str:
-    head = f"{e['variant']:<24} {e['precision']:<5} {e['batch']:>5}"
+    head = f"{e['variant']:<27} {e['precision']:<5} {e['batch']:>5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
     gib = e["peak_memory_gib"]
@@ -549,7 +554,7 @@ def _train_line(e: dict[str, Any]) -> str:
 
 
 def _infer_line(e: dict[str, Any]) -> str:
-    head = f"{e['variant']:<24} {e['precision']:<5}"
+    head = f"{e['variant']:<27} {e['precision']:<5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
     return f"{head} {e['stream_step_ms']:12.3f} {_figures(e['forecast_seq_per_s'], 14)}"
@@ -565,7 +570,7 @@ def _print_table(report: dict[str, Any]) -> None:
         f"{report['flops_per_train_sequence'] / 1e9:.1f} GFLOP per training sequence"
     )
     print(
-        f"{'training path':<24} {'prec':<5} {'batch':>5} {'seq/s':>10} {'TFLOP/s':>8} "
+        f"{'training path':<27} {'prec':<5} {'batch':>5} {'seq/s':>10} {'TFLOP/s':>8} "
         f"{'ceiling':>8} {'peak MiB':>8} {'warm s':>8}"
     )
     for entry in report["training"]:
@@ -579,7 +584,7 @@ def _print_table(report: dict[str, Any]) -> None:
                 print(f"fast / {reference} at batch {batch}: {rate / rates[reference, batch]:.2f}x")
     if report["inference"]:
         print(
-            f"{'inference path':<24} {'prec':<5} {'stream ms/step':>12} "
+            f"{'inference path':<27} {'prec':<5} {'stream ms/step':>12} "
             f"{'forecast seq/s':>14} (batch 1 / {report['forecast_batch']})"
         )
         for entry in report["inference"]:

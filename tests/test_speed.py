@@ -718,3 +718,20 @@ def test_cpu_flags_are_read_from_the_flags_line(tmp_path):
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
     assert speed._cpu_flags(str(arm)) == set()
     assert speed._cpu_flags(str(tmp_path / "missing")) == set()
+
+
+def test_every_default_cuda_variant_resolves_to_options_valid_on_cuda(monkeypatch):
+    """A GPU session runs these with no time to spare: each must resolve and pass
+    SpeedOptions.check for CUDA (checked here without a GPU, bf16 taken as supported)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = torch.device("cuda")
+    names = benchmark.default_variants(cuda)
+    assert len(set(names)) == len(names) and set(names) <= set(benchmark.VARIANTS)
+    resolved = {}
+    for name in names:
+        precision, options = benchmark.resolve_variant(name, cuda)
+        options.check(cuda)
+        resolved[name] = (precision, options)
+    assert resolved["fast"] == ("bf16", SpeedOptions.for_path("fast", cuda, False, torch.bfloat16))
+    combined = resolved["fast-no-hoist-batched-wgrad"][1]
+    assert combined.batched_wgrad and not combined.hoist and combined.cuda_graph
