@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
     return report
 
 
-def _mib(gib: float) -> str:
+def _memory(gib: float) -> str:
     return f"{gib * 1024:.0f} MiB" if gib < 1 else f"{gib:.2f} GiB"
 
 
@@ -175,7 +175,7 @@ def print_report(report: dict, metrics_path: Path) -> None:
     print(
         f"\ntrained {train['steps']} steps in {train['seconds']:.0f} s on {train['device']} "
         f"({train['precision']}, {train['speed']}, {train['seq_per_s']:.1f} seq/s, "
-        f"{train['parameters']:,} parameters, peak memory {_mib(train['peak_memory_gib'])})"
+        f"{train['parameters']:,} parameters, peak memory {_memory(train['peak_memory_gib'])})"
     )
     print(f"test set: {report['test_set']}")
     print_table({"model": report["model"], **report["baselines"]})
