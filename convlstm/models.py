@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from convlstm import packed
 from convlstm.cells import CELLS, make_cell
 from convlstm.cells.base import sequence_scope
 from convlstm.config import ModelConfig
@@ -87,7 +88,7 @@ class StackedForecaster(Forecaster):
             )
             layers.append(ConvRNN(cell))
         self.layers = nn.ModuleList(layers)
-        self.head = nn.Conv2d(config.hidden_channels[-1], grid_channels, kernel_size=1)
+        self.head = packed.Conv2d(config.hidden_channels[-1], grid_channels, kernel_size=1)
         self.out_act = output_activation(config.output_activation)
 
     def _predict(self, top_hidden: Tensor) -> Tensor:
@@ -216,7 +217,7 @@ class EncoderForecaster(Forecaster):
             )
             for i in range(n)
         )
-        self.head = nn.Conv2d(hidden[0], grid_channels, kernel_size=1)
+        self.head = packed.Conv2d(hidden[0], grid_channels, kernel_size=1)
         self.out_act = output_activation(config.output_activation)
 
     def encode(self, context: Tensor, state: EncoderState | None = None) -> EncoderState:

@@ -37,6 +37,11 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   eps of PyTorch's), for float32 / float64, and autocast's bf16 pre-activations with a
   float32 memory, on the CPU while training, where autograd's version is a dozen small
   kernels each way and a concatenation.
+- packed: without autograd (model.step, StreamingPredictor, a forecast under no_grad), the
+  convolutions of ConvLSTM, ConvGRU and ConvRNN cells run from weights cast and packed once
+  into oneDNN's blocked layout (convlstm.packed) and kept while unchanged, where F.conv2d
+  reorders (and under autocast casts) the weight at every call; on the CPU, where Winograd
+  does not run the step.
 - checkpointing: each recurrent step is recomputed in backward instead of stored.
 
 Precision: on CUDA the fast path runs under bf16 autocast ("auto"). On a CPU with AMX-BF16
@@ -57,7 +62,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from convlstm import native, winograd
+from convlstm import native, packed, winograd
 from convlstm.cells.base import RecurrentCell
 from convlstm.cells.gru import ConvGRUCell, ConvRNNCell
 from convlstm.cells.lstm import ConvLSTMCell
@@ -80,6 +85,7 @@ class SpeedOptions:
     batched_wgrad: bool = False
     winograd: bool = False
     native_gates: bool = False
+    packed: bool = False
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -139,6 +145,7 @@ class SpeedOptions:
                 channels_last=True,
                 batched_wgrad=not checkpointing,
                 native_gates=True,
+                packed=True,
                 checkpointing=checkpointing,
             )
         return cls(
@@ -158,7 +165,7 @@ class SpeedOptions:
                 if getattr(self, name):
                     raise ConfigError(f"{name} needs a CUDA device, not {device}")
         else:
-            for name in ("native_gates", "winograd"):
+            for name in ("native_gates", "winograd", "packed"):
                 if getattr(self, name):
                     raise ConfigError(f"{name} is for the CPU, not for {device}")
 
@@ -218,6 +225,9 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
         if isinstance(module, WINOGRAD_CELLS):
             module.batched_wgrad = options.batched_wgrad
             module.winograd = options.winograd and module.kernel_size in winograd.KERNEL_SIZES
+            module.packed = options.packed
+        if isinstance(module, packed.Conv2d):
+            module.packed = options.packed
     if options.winograd:
         native.keep_freed_memory()
     layout = torch.channels_last if options.channels_last else torch.contiguous_format

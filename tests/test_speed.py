@@ -620,7 +620,7 @@ def test_the_cpu_bf16_fast_path_is_as_accurate_as_eager_bf16(monkeypatch, cell):
     config = ModelConfig(hidden_channels=(16, 8), kernel_size=3, patch_size=2, cell=cell)
     options = SpeedOptions.for_path("fast", torch.device("cpu"), amp_dtype=torch.bfloat16)
     assert options == SpeedOptions(
-        hoist=True, channels_last=True, batched_wgrad=True, native_gates=True
+        hoist=True, channels_last=True, batched_wgrad=True, native_gates=True, packed=True
     )
     out_e, grads_e = _relative_errors(config, SpeedOptions(), torch.bfloat16)
     calls = []

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from convlstm import winograd
+from convlstm import packed, winograd
 from convlstm.errors import ConfigError, ShapeError
 
 NORMS = ("none", "layer", "group")
@@ -26,6 +26,9 @@ class RecurrentCell(nn.Module):
     checkpointing = False  # recompute each step's activations in backward (less memory)
     channels_last = False  # new zero states in channels-last memory format
     winograd = False  # 3x3 / 5x5 convolutions by Winograd (cells with step_convs; the CPU)
+    # without autograd, the convolutions from weights packed once for oneDNN (cells with
+    # step_convs; the CPU; convlstm.packed)
+    packed = False
     # the convolutions' weight gradients made once per sequence (convlstm.wgrad), for the
     # cells whose open_sequence supports it (ConvLSTM, ConvGRU, ConvRNN)
     batched_wgrad = False
@@ -69,10 +72,12 @@ class RecurrentCell(nn.Module):
         # the open sequence's convolutions, passed in, so that a checkpointed step recomputed
         # in backward (after the sequence closed) runs the same ones
         convs = self.sequence_conv
-        if convs is None and self.winograd and not torch.is_grad_enabled():
+        if convs is None and (self.winograd or self.packed) and not torch.is_grad_enabled():
             weight = self.first_parameter()  # inference one step at a time:
             if self.winograd_now(weight) and winograd.keeps_per_step(state[0], weight):
-                convs = self.step_convs()
+                convs = self.step_convs(winograd.step_conv)
+            elif self.packed and packed.serves(state[0], weight):
+                convs = self.step_convs(packed.step_conv)
         if convs is None:
             state = self.run_step(self.step, x, state)
         else:
@@ -97,9 +102,10 @@ class RecurrentCell(nn.Module):
             raise ValueError(f"{type(self).__name__} has no parameters")
         return found
 
-    def step_convs(self):
-        """The cell's convolutions by Winograd for one step without autograd (winograd.step_conv),
-        in the form its step() takes them; for the cells that have Winograd convolutions."""
+    def step_convs(self, make):
+        """The cell's convolutions for one step without autograd, each made by `make` from its
+        nn.Conv2d (winograd.step_conv, packed.step_conv), in the form its step() takes them;
+        for the cells that have Winograd and packed convolutions."""
         raise NotImplementedError
 
     def run_step(self, step, *args) -> tuple[Tensor, ...]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convlstm import winograd
+from convlstm import packed, winograd
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, with_input
 from convlstm.errors import ConfigError
 from convlstm.wgrad import WeightGradBatch
@@ -89,8 +89,8 @@ class ConvGRUCell(RecurrentCell):
             return self._convs(_batched_conv)
         return None
 
-    def step_convs(self) -> tuple:
-        return self._convs(winograd.step_conv)
+    def step_convs(self, make) -> tuple:
+        return self._convs(make)
 
     def _convs(self, make) -> tuple:
         return (None if self.conv_x is None else make(self.conv_x), make(self.conv_h))
@@ -99,7 +99,11 @@ class ConvGRUCell(RecurrentCell):
     def split_weights(self) -> tuple | None:
         """The two convolutions are separate already: None, or open_sequence's (Winograd's,
         or with batched_wgrad a plain W_x, which runs once over all frames, and a batched
-        W_h)."""
+        W_h; without autograd, with `packed`, both from kept packs)."""
+        weight = self.conv_h.weight
+        if not self.winograd_now() and self.packed and not torch.is_grad_enabled():
+            if packed.serves(weight, weight):
+                return self._convs(packed.step_conv)
         if self.winograd_now() or not (self.batched_wgrad and torch.is_grad_enabled()):
             return self.open_sequence()
         return (self.conv_x, _batched_conv(self.conv_h))  # W_x: one call, nothing to batch
@@ -247,5 +251,5 @@ class ConvRNNCell(RecurrentCell):
             return _batched_conv(self.conv)
         return None
 
-    def step_convs(self):
-        return winograd.step_conv(self.conv)
+    def step_convs(self, make):
+        return make(self.conv)

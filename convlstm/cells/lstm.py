@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convlstm import winograd
+from convlstm import packed, winograd
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, gate_bias, with_input
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.wgrad import WeightGradBatch
@@ -107,8 +107,8 @@ class ConvLSTMCell(RecurrentCell):
             return self._sequence_conv(self.conv.weight, self.conv.bias)
         return None
 
-    def step_convs(self) -> Conv:
-        return winograd.step_conv(self.conv)
+    def step_convs(self, make) -> Conv:
+        return make(self.conv)
 
     def _winograd(self, bias: Tensor | None, channels: tuple[int, int] | None = None) -> Conv:
         """x -> W[:, lo:hi] * x + b by Winograd for one sequence (channels (lo, hi), all by
@@ -139,11 +139,17 @@ class ConvLSTMCell(RecurrentCell):
             with winograd.shared_transforms():  # one transform serves both parts
                 return self._winograd(self.conv.bias, (0, n)), self._winograd(None, (n, c))
         weight = self.conv.weight
+        n = self.in_channels
+        if self.packed and not torch.is_grad_enabled() and packed.serves(weight, weight):
+            dtype = packed.compute_dtype(weight)
+            return (
+                packed.kept_conv(self.conv, dtype, (0, n)),
+                packed.kept_conv(self.conv, dtype, (n, weight.shape[1]), bias=False),
+            )
         kind = weight.device.type
         if torch.is_autocast_enabled(kind):
             weight = weight.to(torch.get_autocast_dtype(kind))
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        n = self.in_channels
         w_x = weight[:, :n].contiguous(memory_format=layout)
         w_h = weight[:, n:].contiguous(memory_format=layout)
         return (

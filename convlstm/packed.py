@@ -1,0 +1,146 @@
+"""Convolutions from weights packed once into oneDNN's blocked layout (the CPU).
+
+PyTorch's CPU convolution hands oneDNN the weight as a plain tensor, and oneDNN reorders it
+into its blocked layout at every call. For a recurrent cell, which applies the same weight at
+every step, that reorder is repeated work, and at small batches it costs as much as the
+convolution itself: one ConvLSTM-S gate convolution (256 -> 512 channels, 5x5, a 16x16 grid)
+took 1.1 ms at batch 1 in bf16 from a plain channels-last weight, 0.54 ms from a packed one,
+and 3.5 ms under autocast, which also casts the weight at every call (a 2-core Xeon with
+AMX-BF16). Here the weight is cast and packed once and the convolution runs from the pack
+(`torch.ops.mkldnn._convolution_pointwise`, the operator torch.compile's CPU backend uses for
+frozen weights); the result is the same convolution (equal bits where measured).
+
+    conv = kept_conv(cell.conv, torch.bfloat16)   # packed on first use, kept while unchanged
+    z = conv(x)                                   # = F.conv2d(x, W, b, padding=k // 2) in bf16
+
+A kept pack is remade when the weight changes in place (its version counter moves: optimizer
+steps, load_state_dict, copy_), but not after a change made through `.data`, as for
+convlstm.winograd.kept_transform. Inference-mode weights (no version counter) and other
+devices are not packed (`serves`); nor is anything where this PyTorch has no oneDNN.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+# dtypes a pack is made in: float32 and bf16 (autocast's dtype on an AMX CPU)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this PyTorch runs convolutions from packed weights (built with oneDNN)."""
+    return torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_convolution_pointwise"
+    )
+
+
+def compute_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype F.conv2d would run in here: autocast's, when it is on, else the weight's."""
+    kind = weight.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+
+
+def serves(x: Tensor, weight: Tensor) -> bool:
+    """Whether a convolution of x with `weight` can run from a kept pack: on the CPU, in
+    float32 or bf16, for a weight with a version counter, where oneDNN is built in."""
+    return (
+        x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and not weight.is_inference()
+        and compute_dtype(weight) in DTYPES
+        and available()
+    )
+
+
+def pack(weight: Tensor, padding: int, input_shape: tuple[int, ...]) -> Tensor:
+    """`weight` (C_out, C_in, k, k), already in the compute dtype, in oneDNN's blocked layout
+    for stride-1 convolutions with `padding` of inputs shaped like `input_shape` (the layout
+    serves other batch sizes too). Not differentiable."""
+    dense = weight.detach().contiguous()
+    p = [padding, padding]
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(
+        dense.to_mkldnn(), p, [1, 1], [1, 1], 1, list(input_shape)
+    )
+
+
+def packed_conv(x: Tensor, packed: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+    """F.conv2d(x, W, bias, padding=padding) for packed = pack(W, ...), x cast to W's dtype;
+    returns channels-last (N, C_out, H, W). Not differentiable."""
+    x = x.to(packed.dtype).contiguous(memory_format=torch.channels_last)
+    p = [padding, padding]
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, packed, bias, p, [1, 1], [1, 1], 1, "none", [], ""
+    )
+
+
+# weight -> {(dtype, lo, hi): (state, pack, bias)}, for as long as the weight lives
+_KEPT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def kept_conv(
+    conv: nn.Conv2d,
+    dtype: torch.dtype,
+    channels: tuple[int, int] | None = None,
+    bias: bool = True,
+) -> Callable[[Tensor], Tensor]:
+    """x -> conv's convolution (over its input channels lo:hi, all by default; with its bias
+    unless bias=False) in `dtype` from a pack kept while conv's weight and bias are unchanged,
+    for inference (no autograd). `conv`: stride 1, 'same' padding, one group."""
+    weight, b = conv.weight, conv.bias if bias else None
+    lo, hi = channels if channels is not None else (0, weight.shape[1])
+    padding = conv.padding[0]
+    state = (
+        weight.data_ptr(),
+        weight._version,
+        weight.shape,
+        None if b is None else (b.data_ptr(), b._version),
+    )
+    per_weight = _KEPT.setdefault(weight, {})
+    key = (dtype, lo, hi)
+    kept = per_weight.get(key)
+
+    def run(x: Tensor) -> Tensor:
+        nonlocal kept
+        if kept is None or kept[0] != state:
+            with torch.no_grad():
+                part = weight[:, lo:hi].to(dtype)
+                kept = (state, pack(part, padding, x.shape), None if b is None else b.to(dtype))
+            per_weight[key] = kept
+        return packed_conv(x, kept[1], kept[2], padding)
+
+    return run
+
+
+def step_conv(conv: nn.Conv2d) -> Callable[[Tensor], Tensor]:
+    """kept_conv(conv) in the dtype F.conv2d would run in now (autocast's, or the weight's)."""
+    return kept_conv(conv, compute_dtype(conv.weight))
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state dict) that, with `packed` set (convlstm.speed),
+    runs from a kept pack where no autograd is recording, on the CPU (serves): a model's
+    output head, say, at every streamed frame."""
+
+    packed = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.packed
+            and not torch.is_grad_enabled()
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and isinstance(self.padding, tuple)
+            and self.padding[0] == self.padding[1]
+            and self.kernel_size[0] == self.kernel_size[1]
+            and serves(x, self.weight)
+        ):
+            return step_conv(self)(x)
+        return super().forward(x)

@@ -1,0 +1,239 @@
+"""Convolutions from weights packed once for oneDNN (convlstm.packed): the same convolution,
+kept while the weight is unchanged, and what the fast path streams and forecasts with it."""
+
+import dataclasses
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convlstm import packed
+from convlstm.config import ModelConfig
+from convlstm.errors import ConfigError
+from convlstm.models import build_model
+from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN")
+
+CPU = torch.device("cpu")
+BF16_FAST = SpeedOptions.for_path("fast", CPU, amp_dtype=torch.bfloat16)
+
+
+F32 = {"rtol": 1e-5, "atol": 1e-5}  # float32 against the float64 reference
+
+
+def _reference(x, weight, bias, padding):
+    """The convolution in float64, of the operands as given (already rounded to their dtype)."""
+    b = None if bias is None else bias.double()
+    return F.conv2d(x.double(), weight.double(), b, padding=padding)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_packed_float32_convolution_equals_the_float64_reference(kernel, batch):
+    x = torch.randn(batch, 6, 9, 7)
+    weight, bias = torch.randn(10, 6, kernel, kernel), torch.randn(10)
+    got = packed.packed_conv(x, packed.pack(weight, kernel // 2, x.shape), bias, kernel // 2)
+    assert got.dtype == torch.float32 and got.shape == (batch, 10, 9, 7)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), _reference(x, weight, bias, kernel // 2), **F32)
+
+
+def test_a_packed_bf16_convolution_equals_the_float64_reference_to_bf16_rounding():
+    x = torch.randn(2, 16, 8, 8).to(torch.bfloat16)
+    weight, bias = (torch.randn(32, 16, 3, 3) / 12).to(torch.bfloat16), torch.randn(32)
+    got = packed.packed_conv(x, packed.pack(weight, 1, x.shape), bias.to(torch.bfloat16), 1)
+    assert got.dtype == torch.bfloat16
+    expected = _reference(x, weight, bias.to(torch.bfloat16), 1)
+    # the output is rounded to bf16 once (8 bits): at most half a unit in its last place
+    torch.testing.assert_close(got.double(), expected, rtol=2**-8, atol=1e-3)
+
+
+def test_one_pack_serves_other_batch_sizes_and_float32_inputs():
+    weight = torch.randn(8, 4, 3, 3)
+    pack = packed.pack(weight, 1, (1, 4, 6, 6))
+    for batch in (1, 5):
+        x = torch.randn(batch, 4, 6, 6)
+        got = packed.packed_conv(x, pack, None, 1)
+        torch.testing.assert_close(got.double(), _reference(x, weight, None, 1), **F32)
+
+
+def _changes(layer: torch.nn.Conv2d):
+    """Ways a model's weights change in place; each must be seen by the kept pack."""
+
+    def optimizer_step():
+        layer.weight.grad = torch.ones_like(layer.weight)
+        layer.bias.grad = torch.ones_like(layer.bias)
+        torch.optim.SGD(layer.parameters(), lr=0.1).step()
+
+    def load_state_dict():
+        layer.load_state_dict(
+            {"weight": torch.randn_like(layer.weight), "bias": torch.randn_like(layer.bias)}
+        )
+
+    def bias_alone():
+        with torch.no_grad():
+            layer.bias.add_(1.0)
+
+    return [optimizer_step, load_state_dict, bias_alone, lambda: torch.nn.init.normal_(layer.weight)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kept_pack_is_made_once_and_again_after_each_change(dtype, monkeypatch):
+    made = []
+    pack = packed.pack
+    monkeypatch.setattr(packed, "pack", lambda *a: made.append(1) or pack(*a))
+    layer = torch.nn.Conv2d(6, 8, 3, padding=1)
+    x = torch.randn(2, 6, 5, 5)
+
+    def expected():
+        w, b = layer.weight.detach().to(dtype), layer.bias.detach().to(dtype)
+        return F.conv2d(x.to(dtype), w, b, padding=1)
+
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    with torch.no_grad():
+        torch.testing.assert_close(packed.kept_conv(layer, dtype)(x), expected(), **tol)
+        packed.kept_conv(layer, dtype)(x)
+        assert len(made) == 1
+        for change in _changes(layer):
+            change()
+            torch.testing.assert_close(packed.kept_conv(layer, dtype)(x), expected(), **tol)
+        assert len(made) == 1 + len(_changes(layer))
+
+
+def test_channel_ranges_and_no_bias_pack_their_part_of_the_weight():
+    layer = torch.nn.Conv2d(7, 8, 5, padding=2)
+    x, h = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        from_x = packed.kept_conv(layer, torch.float32, (0, 3))(x)
+        from_h = packed.kept_conv(layer, torch.float32, (3, 7), bias=False)(h)
+        whole = packed.kept_conv(layer, torch.float32)(torch.cat([x, h], 1))
+    torch.testing.assert_close(from_x + from_h, whole, rtol=1e-5, atol=1e-5)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    torch.testing.assert_close(from_h.double(), _reference(h, w[:, 3:], None, 2), **F32)
+    torch.testing.assert_close(from_x.double(), _reference(x, w[:, :3], b, 2), **F32)
+
+
+def test_the_kept_pack_does_not_keep_its_weight_alive():
+    layer = torch.nn.Conv2d(4, 8, 3, padding=1)
+    with torch.no_grad():
+        packed.kept_conv(layer, torch.float32)(torch.randn(1, 4, 5, 5))
+    gone = weakref.ref(layer.weight)
+    del layer
+    gc.collect()
+    assert gone() is None
+
+
+def test_what_packs_serve():
+    weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+    x = torch.randn(1, 4, 5, 5)
+    assert packed.serves(x, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed.serves(x, weight)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not packed.serves(x, weight)  # only float32 and bf16 are packed
+    assert not packed.serves(x.double(), weight.double())
+    with torch.inference_mode():
+        frozen = torch.randn(8, 4, 3, 3)  # no version counter to tell a change by
+    assert not packed.serves(x, frozen)
+    assert packed.compute_dtype(weight) == torch.float32
+
+
+# --- the fast path: streaming and forecasting without autograd ---------------------------
+
+
+def _models(config: ModelConfig, options: SpeedOptions):
+    torch.manual_seed(0)
+    fast = apply_speed(build_model(config), options).eval()
+    plain = apply_speed(build_model(config), dataclasses.replace(options, packed=False)).eval()
+    plain.load_state_dict(fast.state_dict())
+    return fast, plain
+
+
+def _count_packed_calls(monkeypatch) -> list:
+    calls = []
+    run = packed.packed_conv
+    monkeypatch.setattr(packed, "packed_conv", lambda *a: calls.append(1) or run(*a))
+    return calls
+
+
+@pytest.mark.parametrize("cell", ["convlstm", "peephole_convlstm", "convgru", "convrnn"])
+def test_streaming_from_packs_equals_streaming_without_them(cell, monkeypatch):
+    calls = _count_packed_calls(monkeypatch)
+    config = ModelConfig(cell=cell, hidden_channels=(8, 6), kernel_size=3, patch_size=2)
+    fast, plain = _models(config, BF16_FAST)
+    shape = (1, 1, 8, 8)
+    stream = StreamingPredictor(fast, shape, autocast_dtype=torch.bfloat16)
+    reference = StreamingPredictor(plain, shape, autocast_dtype=torch.bfloat16)
+    calls.clear()
+    for frame in torch.rand(5, *shape):
+        got = stream(frame).clone()
+        torch.testing.assert_close(got, reference(frame), rtol=2e-2, atol=2e-2)
+    per_frame = {"convgru": 5, "convrnn": 3}.get(cell, 3)  # the cells' convolutions + head
+    assert len(calls) == 5 * per_frame
+
+
+def test_a_forecast_without_grad_runs_from_packs_hoisted_or_not(monkeypatch):
+    calls = _count_packed_calls(monkeypatch)
+    config = ModelConfig(hidden_channels=(8, 6), kernel_size=5, patch_size=2)
+    fast, plain = _models(config, BF16_FAST)
+    context = torch.rand(2, 4, 1, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast(context, 3)
+        assert calls  # the hoisted context and the forecast's steps
+        expected = plain(context, 3)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_new_weights_loaded_in_place_reach_the_stream():
+    config = ModelConfig(hidden_channels=(8,), kernel_size=3, patch_size=2)
+    fast, _ = _models(config, BF16_FAST)
+    stream = StreamingPredictor(fast, (1, 1, 8, 8), autocast_dtype=torch.bfloat16)
+    frame = torch.rand(1, 1, 8, 8)
+    before = stream(frame).clone()
+    torch.manual_seed(1)
+    other = build_model(config)
+    fast.load_state_dict(other.state_dict())
+    stream.reset()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = other.eval().step(frame, None).prediction
+    got = stream(frame)
+    assert not torch.allclose(got, before)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_training_never_runs_from_packs(monkeypatch):
+    """Packs are made without autograd: a step with grad runs the plain convolutions (the
+    gradients reach the weights) even with the option on."""
+    calls = _count_packed_calls(monkeypatch)
+    config = ModelConfig(hidden_channels=(8,), kernel_size=3, patch_size=2)
+    fast, plain = _models(config, BF16_FAST)
+    fast.train()
+    plain.train()
+    context = torch.rand(2, 4, 1, 8, 8)
+    for model in (fast, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(context, 2).float().square().mean().backward()
+    assert calls == []
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_the_packed_head_keeps_the_state_dict_of_a_plain_convolution():
+    head = packed.Conv2d(4, 2, kernel_size=1)
+    plain = torch.nn.Conv2d(4, 2, kernel_size=1)
+    plain.load_state_dict(head.state_dict())
+    head.packed = True
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), plain(x))
+
+
+def test_the_option_is_for_the_cpu_and_for_its_bf16_fast_path():
+    assert BF16_FAST.packed
+    assert not SpeedOptions.for_path("fast", CPU).packed  # float32: Winograd, no gain measured
+    assert not SpeedOptions.for_path("fast", torch.device("cuda")).packed
+    with pytest.raises(ConfigError, match="packed is for the CPU"):
+        SpeedOptions(packed=True).check(torch.device("cuda"))
