@@ -77,7 +77,12 @@ def _changes(layer: torch.nn.Conv2d):
         with torch.no_grad():
             layer.bias.add_(1.0)
 
-    return [optimizer_step, load_state_dict, bias_alone, lambda: torch.nn.init.normal_(layer.weight)]
+    return [
+        optimizer_step,
+        load_state_dict,
+        bias_alone,
+        lambda: torch.nn.init.normal_(layer.weight),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
