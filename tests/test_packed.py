@@ -152,6 +152,10 @@ def test_what_packs_serve():
 def _models(config: ModelConfig, options: SpeedOptions):
     torch.manual_seed(0)
     fast = apply_speed(build_model(config), options).eval()
+    with torch.no_grad():  # biases of their own size, so that one counted twice shows
+        for name, p in fast.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-1.0, 1.0)
     plain = apply_speed(build_model(config), dataclasses.replace(options, packed=False)).eval()
     plain.load_state_dict(fast.state_dict())
     return fast, plain
@@ -180,15 +184,20 @@ def test_streaming_from_packs_equals_streaming_without_them(cell, monkeypatch):
     assert len(calls) == 5 * per_frame
 
 
-def test_a_forecast_without_grad_runs_from_packs_hoisted_or_not(monkeypatch):
+@pytest.mark.parametrize("cell", ["convlstm", "convgru", "convrnn"])
+def test_a_forecast_without_grad_runs_every_convolution_from_packs(cell, monkeypatch):
     calls = _count_packed_calls(monkeypatch)
-    config = ModelConfig(hidden_channels=(8, 6), kernel_size=5, patch_size=2)
+    direct = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: direct.append(1) or conv2d(*a, **k))
+    config = ModelConfig(cell=cell, hidden_channels=(8, 6), kernel_size=5, patch_size=2)
     fast, plain = _models(config, BF16_FAST)
     context = torch.rand(2, 4, 1, 8, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = fast(context, 3)
-        assert calls  # the hoisted context and the forecast's steps
+        assert calls and not direct  # the hoisted context, the forecast's steps, the head
         expected = plain(context, 3)
+        assert direct
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
 
 
