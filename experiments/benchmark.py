@@ -8,7 +8,8 @@ with AMX-BF16 units, else fp32); the FLOPs of one training sequence (torch's FLO
 forward and backward); the training rate of each path at each batch size, with TFLOP/s,
 share of the ceiling, peak memory (CUDA's allocator peak; on the CPU, one step's peak of live
 tensors, convlstm.memory) and warm-up time (compilation and graph capture); the latency of
-one streaming step at batch 1 and the forecast rate; and the Moving MNIST generator's rate.
+one streaming step at batch 1 and the forecast rate (the inference variants timed in turn);
+and the Moving MNIST generator's rate.
 Training follows OpenSTL's semantics once scheduled sampling has ended: the loss covers all
 19 predicted frames and every forecast step is fed the model's own previous prediction. One
 table last; --out also writes the numbers as JSON.
@@ -84,6 +85,7 @@ VARIANTS: dict[str, tuple[str, Options]] = {
         _fast(hoist=False, batched_wgrad=True, winograd=False),
     ),
     "fast-no-native-gates": ("auto", _fast(native_gates=False)),
+    "fast-no-packed": ("auto", _fast(packed=False)),  # inference: F.conv2d at every step
     # the float32 CPU path's parts (Winograd and the C gate update run in float32)
     "fast-fp32-no-winograd": ("fp32", _fast(winograd=False)),
     "fast-fp32-no-native-gates": ("fp32", _fast(native_gates=False)),
@@ -298,53 +300,64 @@ def time_training_interleaved(
 
 def time_inference(
     preset: str,
-    options: SpeedOptions,
-    precision: str,
+    variants: list[tuple[str, SpeedOptions]],
     device: torch.device,
     seconds: float,
     batch: int,
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
     """Streaming latency (one frame in, the next out, batch 1) and forecast rate (`batch`
-    sequences: 10 context frames in, 10 frames out)."""
-    torch.manual_seed(0)
+    sequences: 10 context frames in, 10 frames out) of several variants (precision, options),
+    timed in turn (the order reversed every round; medians), as interleaved training is."""
     model_cfg = from_name(preset)
-    model = apply_speed(build_model(model_cfg).to(device), options).eval()
-    amp_dtype, _ = resolve_precision(precision, device)
     shape = (1, model_cfg.in_channels, 64, 64)
     frames = torch.rand(64, *shape, device=device)
-    graph = options.cuda_graph
-    stream = StreamingPredictor(model, shape, autocast_dtype=amp_dtype, graph=graph)
-
-    def run_stream(n: int) -> float:
-        sync(device)
-        start = time.perf_counter()
-        for i in range(n):
-            stream(frames[i % len(frames)])
-        sync(device)
-        return (time.perf_counter() - start) / n
-
-    run_stream(5)
-    per_step = run_stream(max(5, int(seconds / 2 / max(run_stream(3), 1e-5))))
     context = torch.rand(batch, 10, *shape[1:], device=device)
+    runs = []
+    for precision, options in variants:
+        torch.manual_seed(0)
+        model = apply_speed(build_model(model_cfg).to(device), options).eval()
+        amp_dtype, _ = resolve_precision(precision, device)
+        stream = StreamingPredictor(
+            model, shape, autocast_dtype=amp_dtype, graph=options.cuda_graph
+        )
 
-    def forecast() -> None:
-        with torch.no_grad(), autocast(device, amp_dtype):
-            model(context, 10)
+        def forecast(model=model, amp_dtype=amp_dtype) -> None:
+            with torch.no_grad(), autocast(device, amp_dtype):
+                model(context, 10)
 
-    forecast()
-    sync(device)
-    start = time.perf_counter()
-    forecast()
-    sync(device)
-    count = max(2, int(seconds / 2 / (time.perf_counter() - start)))
-    start = time.perf_counter()
-    for _ in range(count):
+        for frame in frames[:5]:  # warm-up: kept transforms and packs, lazy allocations
+            stream(frame)
         forecast()
-    sync(device)
-    return {
-        "stream_step_ms": per_step * 1e3,
-        "forecast_seq_per_s": count * batch / (time.perf_counter() - start),
-    }
+        runs.append((stream, forecast))
+    per_round = 16  # streamed frames per variant and round
+    stream_s: list[list[float]] = [[] for _ in runs]
+    forecast_s: list[list[float]] = [[] for _ in runs]
+    rounds, spent = 0, 0.0
+    while rounds < 3 or spent < seconds * len(runs):
+        order = range(len(runs)) if rounds % 2 == 0 else reversed(range(len(runs)))
+        for k in order:
+            stream, forecast = runs[k]
+            sync(device)
+            start = time.perf_counter()
+            for i in range(per_round):
+                stream(frames[(rounds * per_round + i) % len(frames)])
+            sync(device)
+            middle = time.perf_counter()
+            forecast()
+            sync(device)
+            end = time.perf_counter()
+            stream_s[k].append((middle - start) / per_round)
+            forecast_s[k].append(end - middle)
+            spent += end - start
+        rounds += 1
+    return [
+        {
+            "stream_step_ms": statistics.median(s) * 1e3,
+            "forecast_seq_per_s": batch / statistics.median(f),
+            "rounds": len(s),
+        }
+        for s, f in zip(stream_s, forecast_s, strict=True)
+    ]
 
 
 def generator_rate(
@@ -374,6 +387,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", choices=stacked, default="mmnist-convlstm-s")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None)
+    parser.add_argument(
+        "--inference-variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=None,
+        help="variants whose streaming and forecast are timed (interleaved); default: those of "
+        "eager-fp32, eager-bf16 and fast among the training variants",
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per entry")
     parser.add_argument(
         "--profile",
@@ -396,7 +417,10 @@ def main(argv=None) -> dict:
     if any(b < 1 for b in args.batch_sizes) or args.seconds <= 0:
         raise ConfigError("batch sizes and --seconds must be positive")
     variants = args.variants or default_variants(device)
-    for name in [*variants, *([args.profile] if args.profile else [])]:
+    inference = args.inference_variants or [
+        v for v in ("eager-fp32", "eager-bf16", "fast") if v in variants
+    ]
+    for name in [*variants, *inference, *([args.profile] if args.profile else [])]:
         precision, options = resolve_variant(name, device)
         options.check(device)
         if precision == "bf16" and device.type == "cpu" and not cpu_bf16_units():
@@ -477,21 +501,19 @@ def main(argv=None) -> dict:
             save()
         del batches
     report["forecast_batch"] = min(args.batch_sizes)
-    if model_cfg.architecture == "stacked":
-        for variant in ("eager-fp32", "eager-bf16", "fast"):
-            if variant not in variants:
-                continue
-            precision, options = resolve_variant(variant, device)
-            entry = {"variant": variant, "precision": precision}
-            try:
-                entry |= time_inference(
-                    args.preset, options, precision, device, args.seconds, min(args.batch_sizes)
-                )
-            except Exception as err:
-                entry["error"] = f"{type(err).__name__}: {err}"[:300]
+    if model_cfg.architecture == "stacked" and inference:
+        resolved = [resolve_variant(variant, device) for variant in inference]
+        try:
+            timed = time_inference(
+                args.preset, resolved, device, args.seconds, min(args.batch_sizes)
+            )
+        except Exception as err:  # reported on every variant's line
+            timed = [{"error": f"{type(err).__name__}: {err}"[:300]}] * len(inference)
+        for variant, (precision, _), times in zip(inference, resolved, timed, strict=True):
+            entry = {"variant": variant, "precision": precision, **times}
             report["inference"].append(entry)
             print(_infer_line(entry), flush=True)
-            save()
+        save()
     report["generator_seq_per_s"] = generator_rate(
         device, max(args.batch_sizes), args.mnist_dir, min(2.0, args.seconds)
     )

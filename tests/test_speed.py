@@ -543,6 +543,7 @@ def test_benchmark_interleaved_run_reports_every_variant(tmp_path, mnist_dir, mo
     monkeypatch.setattr(benchmark, "time", TickingClock())
     argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch-sizes", "2"]
     argv += ["--seconds", "0.2", "--variants", "eager-fp32", "fast", "--interleave"]
+    argv += ["--inference-variants", "fast", "fast-no-packed", "eager-fp32"]
     if mnist_dir:
         argv += ["--mnist-dir", mnist_dir]
     report = benchmark.main(argv)
@@ -550,6 +551,11 @@ def test_benchmark_interleaved_run_reports_every_variant(tmp_path, mnist_dir, mo
     assert [e["variant"] for e in report["training"]] == ["eager-fp32", "fast"]
     assert all("error" not in e and e["train_seq_per_s"] > 0 for e in report["training"])
     assert all(0 < e["peak_memory_gib"] < 1 for e in report["training"])
+    inference = report["inference"]
+    assert [e["variant"] for e in inference] == ["fast", "fast-no-packed", "eager-fp32"]
+    for entry in inference:  # every variant timed in each round
+        assert entry["stream_step_ms"] > 0 and entry["forecast_seq_per_s"] > 0
+        assert entry["rounds"] == inference[0]["rounds"] >= 3
 
 
 @pytest.mark.parametrize(
@@ -559,6 +565,7 @@ def test_benchmark_interleaved_run_reports_every_variant(tmp_path, mnist_dir, mo
         (["--device", "cpu", "--variants", "fast-no-graph"], "runs in bf16"),
         (["--device", "cpu", "--out", "table.txt"], "must name a .json"),
         (["--device", "cpu", "--profile", "eager-bf16"], "runs in bf16"),
+        (["--device", "cpu", "--inference-variants", "eager-bf16"], "runs in bf16"),
         (["--device", "cpu", "--batch-sizes", "0"], "must be positive"),
     ],
 )
