@@ -7,8 +7,11 @@ takes its bytes off when the storage is freed; the peak is the most bytes live a
 share their base's storage and count once. Tensors that exist before (parameters, optimizer
 state, a batch) count once registered with keep().
 
+oneDNN's opaque tensors (the packed weights of convlstm.packed) have no storage: each counts
+by its elements, from when an operator returns it until the tensor is freed.
+
 What it cannot see: memory that is no tensor (oneDNN's scratch space, the C kernels' tile
-buffers in convlstm/tiles.c), tensors without a strided storage (sparse, mkldnn, nested), and
+buffers in convlstm/tiles.c), other tensors without a strided storage (sparse, nested), and
 work replayed by a CUDA graph, which dispatches nothing. A tensor made before and not kept
 counts in full when a view of it first comes out of an operator. torch.compile does not
 compile frames run inside the mode, so compiled code runs eagerly there.
@@ -37,8 +40,8 @@ class LiveTensors(TorchDispatchMode):
         super().__init__()
         self.live_bytes = 0
         self.peak_bytes = 0
-        self._sizes: dict[int, int] = {}  # storage -> bytes, while it lives
-        self._finalisers: dict[int, weakref.finalize] = {}
+        self._sizes: dict[Any, int] = {}  # storage (or mkldnn tensor) -> bytes, while it lives
+        self._finalisers: dict[Any, weakref.finalize] = {}
 
     def keep(self, *tensors: Any) -> None:
         """Count tensors made before (nested lists, dicts and iterables of them, such as
@@ -54,23 +57,29 @@ class LiveTensors(TorchDispatchMode):
                 self._note(leaf)
 
     def _note(self, tensor: torch.Tensor) -> None:
-        if tensor.is_meta or tensor.layout != torch.strided:
-            return  # no storage of its own to count (sparse, mkldnn, nested: not counted)
-        try:
-            storage = tensor.untyped_storage()
-        except (NotImplementedError, RuntimeError):  # a wrapper subclass without one
+        if tensor.is_meta:
             return
-        key, size = storage._cdata, storage.nbytes()
+        if tensor.is_mkldnn:  # opaque, no storage: the tensor itself, by its elements
+            owner: Any = tensor
+            key, size = ("mkldnn", id(tensor)), tensor.numel() * tensor.element_size()
+        elif tensor.layout != torch.strided:
+            return  # no storage of its own to count (sparse, nested: not counted)
+        else:
+            try:
+                owner = tensor.untyped_storage()
+            except (NotImplementedError, RuntimeError):  # a wrapper subclass without one
+                return
+            key, size = owner._cdata, owner.nbytes()
         if key in self._sizes:  # seen before: only a resize_ (or out=) can have grown it
             self.live_bytes += size - self._sizes[key]
             self._sizes[key] = size
         else:
             self._sizes[key] = size
-            self._finalisers[key] = weakref.finalize(storage, self._freed, key)
+            self._finalisers[key] = weakref.finalize(owner, self._freed, key)
             self.live_bytes += size
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
-    def _freed(self, key: int) -> None:
+    def _freed(self, key: Any) -> None:
         self._finalisers.pop(key, None)
         self.live_bytes -= self._sizes.pop(key, 0)
 

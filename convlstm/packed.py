@@ -79,6 +79,37 @@ def packed_conv(x: Tensor, packed: Tensor, bias: Tensor | None, padding: int) ->
     )
 
 
+class SequencePacks:
+    """One weight's packs for the steps of one training sequence (convlstm.wgrad): its
+    convolution, and its input gradient, which is the convolution of the output gradient with
+    the filter flipped and its two channel axes swapped (stride 1, 'same' padding, odd square
+    filters). Each is packed on first use and not kept: the weights change at every training
+    step. `weight` and `bias` are taken in the dtype they come in (autocast's, cast once)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, padding: int) -> None:
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.padding = padding
+        self._forward: Tensor | None = None
+        self._backward: Tensor | None = None
+
+    def conv(self, x: Tensor) -> Tensor:
+        """F.conv2d(x, weight, bias, padding=padding)."""
+        if self._forward is None:
+            self._forward = pack(self.weight, self.padding, x.shape)
+        return packed_conv(x, self._forward, self.bias, self.padding)
+
+    def input_grad(self, grad: Tensor) -> Tensor:
+        """The gradient of conv(x) with respect to x, given the gradient of its output."""
+        padding = self.weight.shape[-1] - 1 - self.padding
+        if self._backward is None:
+            # from the contiguous layout, flipped first: the transposed copy then moves whole
+            # rows of k * k taps (from a channels-last weight it took 2-3x as long)
+            flipped = self.weight.contiguous().flip(2, 3).transpose(0, 1)
+            self._backward = pack(flipped, padding, grad.shape)
+        return packed_conv(grad, self._backward, None, padding)
+
+
 # weight -> {(dtype, lo, hi): (state, pack, bias)}, for as long as the weight lives
 _KEPT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 

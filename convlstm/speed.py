@@ -37,11 +37,13 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   eps of PyTorch's), for float32 / float64, and autocast's bf16 pre-activations with a
   float32 memory, on the CPU while training, where autograd's version is a dozen small
   kernels each way and a concatenation.
-- packed: without autograd (model.step, StreamingPredictor, a forecast under no_grad), the
-  convolutions of ConvLSTM, ConvGRU and ConvRNN cells run from weights cast and packed once
-  into oneDNN's blocked layout (convlstm.packed) and kept while unchanged, where F.conv2d
-  reorders (and under autocast casts) the weight at every call; on the CPU, where Winograd
-  does not run the step.
+- packed: the convolutions of ConvLSTM, ConvGRU and ConvRNN cells (and a model's output
+  head) run from weights cast and packed once into oneDNN's blocked layout (convlstm.packed),
+  where F.conv2d reorders (and under autocast casts) the weight at every call; on the CPU,
+  where Winograd does not run them. Without autograd (model.step, StreamingPredictor, a
+  forecast under no_grad) the packs are kept while the weights are unchanged; in training,
+  with batched_wgrad, each weight is packed once per sequence for its steps' convolutions
+  and their input gradients.
 - checkpointing: each recurrent step is recomputed in backward instead of stored.
 
 Precision: on CUDA the fast path runs under bf16 autocast ("auto"). On a CPU with AMX-BF16

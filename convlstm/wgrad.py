@@ -27,6 +27,9 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from convlstm import packed as packing
+from convlstm.packed import SequencePacks
+
 _conv_backward = torch.ops.aten.convolution_backward
 
 
@@ -111,14 +114,25 @@ def _grads(padding: int, x: Tensor, grad: Tensor, weight: Tensor, mask: list[boo
 
 class _TapedConv(Function):
     """F.conv2d whose backward returns the input gradient and keeps (input, gradient) for
-    the weight's."""
+    the weight's; with packs (convlstm.packed.SequencePacks), both convolutions run from
+    them."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, tape: StepTape, padding: int, weight: Tensor, *bias: Tensor):
-        ctx.tape, ctx.padding = tape, padding
+    def forward(
+        ctx,
+        x: Tensor,
+        tape: StepTape,
+        padding: int,
+        packs: SequencePacks | None,
+        weight: Tensor,
+        *bias: Tensor,
+    ):
+        ctx.tape, ctx.padding, ctx.packs = tape, padding, packs
         ctx.head = weight.grad_fn  # _Head's node, None when nothing needs the weight's gradient
         ctx.save_for_backward(x, weight)
         with torch.autocast(x.device.type, enabled=False):  # operands are already cast
+            if packs is not None:
+                return packs.conv(x)
             return F.conv2d(x, weight, bias[0] if bias else None, padding=padding)
 
     @staticmethod
@@ -128,17 +142,25 @@ class _TapedConv(Function):
         x, weight = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _grads(ctx.padding, x, grad, weight, [True, False, False])[0]
+            if ctx.packs is not None:
+                dx = ctx.packs.input_grad(grad)
+            else:
+                dx = _grads(ctx.padding, x, grad, weight, [True, False, False])[0]
         ctx.tape.keep(ctx.head, x, grad)
-        return (dx, None, None, None, *([None] * (len(ctx.needs_input_grad) - 4)))
+        return (dx, None, None, None, None, *([None] * (len(ctx.needs_input_grad) - 5)))
 
 
 class WeightGradBatch:
     """Stride-1, `padding`-padded convolutions with one weight (C_out, C_in, k, k) and optional
     bias over one sequence, whose weight and bias gradients are computed once, batched.
-    Under autocast the weight, bias and inputs are cast once to its dtype, as F.conv2d would."""
+    Under autocast the weight, bias and inputs are cast once to its dtype, as F.conv2d would.
+    With `packed`, where convlstm.packed serves (the CPU, float32 or bf16), each step's
+    convolution and input gradient run from the weight packed once per sequence for oneDNN
+    (SequencePacks)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, padding: int) -> None:
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, padding: int, packed: bool = False
+    ) -> None:
         kind = weight.device.type
         if torch.is_autocast_enabled(kind):
             dtype = torch.get_autocast_dtype(kind)
@@ -154,8 +176,11 @@ class WeightGradBatch:
         self.tape = StepTape(finish)
         self.weight, *rest = share(self.tape, weight, *([] if bias is None else [bias]))
         self.bias = rest[0] if rest else None
+        self.packs = None
+        if packed and packing.serves(weight, weight):
+            self.packs = SequencePacks(self.weight, self.bias, padding)
 
     def conv(self, x: Tensor) -> Tensor:
         bias = [] if self.bias is None else [self.bias]
         x = x.to(self.weight.dtype)
-        return _TapedConv.apply(x, self.tape, self.padding, self.weight, *bias)
+        return _TapedConv.apply(x, self.tape, self.padding, self.packs, self.weight, *bias)

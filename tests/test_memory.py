@@ -1,6 +1,7 @@
 """LiveTensors counts the bytes of tensor storage live at once: allocations, frees, views,
 tensors made before, and the backward's own."""
 
+import pytest
 import torch
 
 from convlstm.config import ModelConfig, TrainConfig, build
@@ -36,6 +37,18 @@ def test_frees_inside_are_taken_off():
         del b
     assert live.peak_bytes == 2 * MB
     assert live.live_bytes == 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+def test_onednn_tensors_count_by_their_elements_until_freed():
+    dense = torch.empty(MB // 4)  # made before, not kept: not counted
+    with LiveTensors() as live:
+        opaque = dense.to_mkldnn()  # 1 MB with no storage
+        assert live.live_bytes == MB
+        del opaque
+        assert live.live_bytes == 0
+        kept = dense.to_mkldnn()
+    assert live.peak_bytes == MB and live.live_bytes == MB and kept.is_mkldnn
 
 
 def test_a_storage_that_grows_is_counted_at_its_new_size():

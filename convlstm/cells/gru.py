@@ -86,7 +86,7 @@ class ConvGRUCell(RecurrentCell):
             batch_grad = not self.checkpointing
             return self._convs(lambda c: winograd.sequence_conv(c, batch_grad=batch_grad))
         if self.batched_wgrad and torch.is_grad_enabled():
-            return self._convs(_batched_conv)
+            return self._convs(lambda c: _batched_conv(c, self.packed))
         return None
 
     def step_convs(self, make) -> tuple:
@@ -106,7 +106,8 @@ class ConvGRUCell(RecurrentCell):
                 return self._convs(packed.step_conv)
         if self.winograd_now() or not (self.batched_wgrad and torch.is_grad_enabled()):
             return self.open_sequence()
-        return (self.conv_x, _batched_conv(self.conv_h))  # W_x: one call, nothing to batch
+        # W_x: one call over all frames, nothing to batch
+        return (self.conv_x, _batched_conv(self.conv_h, self.packed))
 
     def project_input(self, x: Tensor, weights: tuple | None = None) -> Tensor:
         """W_x * x + b for frames x (N, C_in, H, W) -> (N, 3C, H, W)."""
@@ -126,9 +127,10 @@ class ConvGRUCell(RecurrentCell):
         return (self.update(from_x, conv_h(h), h),)
 
 
-def _batched_conv(conv: nn.Conv2d):
-    """x -> conv(x) for one sequence, its weight and bias gradients made once (wgrad)."""
-    return WeightGradBatch(conv.weight, conv.bias, conv.padding[0]).conv
+def _batched_conv(conv: nn.Conv2d, packed: bool = False):
+    """x -> conv(x) for one sequence, its weight and bias gradients made once (wgrad); with
+    `packed`, from the weight packed once for oneDNN (convlstm.packed, the CPU)."""
+    return WeightGradBatch(conv.weight, conv.bias, conv.padding[0], packed).conv
 
 
 def warp(h: Tensor, flow: Tensor) -> Tensor:
@@ -248,7 +250,7 @@ class ConvRNNCell(RecurrentCell):
         if self.winograd_now():
             return winograd.sequence_conv(self.conv, batch_grad=not self.checkpointing)
         if self.batched_wgrad and torch.is_grad_enabled():
-            return _batched_conv(self.conv)
+            return _batched_conv(self.conv, self.packed)
         return None
 
     def step_convs(self, make):

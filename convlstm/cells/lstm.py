@@ -123,7 +123,7 @@ class ConvLSTMCell(RecurrentCell):
         """x -> W * x + b for one sequence, with (batch, and batched_wgrad while grad is
         enabled) the weight gradient batched over the steps."""
         if batch and self.batched_wgrad and torch.is_grad_enabled():
-            return WeightGradBatch(weight, bias, self.kernel_size // 2).conv
+            return WeightGradBatch(weight, bias, self.kernel_size // 2, self.packed).conv
         return lambda x: F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
 
     # The hoisted form (convlstm.speed): W * [x, h] = W_x * x + W_h * h, so the input part can
