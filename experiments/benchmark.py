@@ -115,10 +115,13 @@ DEFAULT_VARIANTS = {
         "eager-bf16",
         "fast",
         "fast-no-batched-wgrad",
+        "fast-no-packed",
         "fast-fp32",
         "fast-checkpointing",
     ],
 }
+# the variants whose inference is timed by default, where they are among those trained
+INFERENCE_VARIANTS = ("eager-fp32", "eager-bf16", "fast", "fast-no-packed", "fast-fp32")
 
 
 def default_variants(device: torch.device) -> list[str]:
@@ -393,7 +396,7 @@ def main(argv=None) -> dict:
         choices=sorted(VARIANTS),
         default=None,
         help="variants whose streaming and forecast are timed (interleaved); default: those of "
-        "eager-fp32, eager-bf16 and fast among the training variants",
+        f"{', '.join(INFERENCE_VARIANTS)} among the training variants",
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per entry")
     parser.add_argument(
@@ -417,9 +420,7 @@ def main(argv=None) -> dict:
     if any(b < 1 for b in args.batch_sizes) or args.seconds <= 0:
         raise ConfigError("batch sizes and --seconds must be positive")
     variants = args.variants or default_variants(device)
-    inference = args.inference_variants or [
-        v for v in ("eager-fp32", "eager-bf16", "fast") if v in variants
-    ]
+    inference = args.inference_variants or [v for v in INFERENCE_VARIANTS if v in variants]
     for name in [*variants, *inference, *([args.profile] if args.profile else [])]:
         precision, options = resolve_variant(name, device)
         options.check(device)
