@@ -8,7 +8,8 @@ share their base's storage and count once. Tensors that exist before (parameters
 state, a batch) count once registered with keep().
 
 oneDNN's opaque tensors (the packed weights of convlstm.packed) have no storage: each counts
-by its elements, from when an operator returns it until the tensor is freed.
+by its elements, from when an operator returns it until the tensor is freed (a lower bound:
+oneDNN's blocked layouts may pad the channels).
 
 What it cannot see: memory that is no tensor (oneDNN's scratch space, the C kernels' tile
 buffers in convlstm/tiles.c), other tensors without a strided storage (sparse, nested), and

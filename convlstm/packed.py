@@ -41,20 +41,24 @@ def available() -> bool:
 
 
 def compute_dtype(weight: Tensor) -> torch.dtype:
-    """The dtype F.conv2d would run in here: autocast's, when it is on, else the weight's."""
+    """The dtype F.conv2d would run in here: autocast's, when it is on (it leaves float64
+    alone), else the weight's."""
     kind = weight.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+    if torch.is_autocast_enabled(kind) and weight.dtype != torch.float64:
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
 
 
 def serves(x: Tensor, weight: Tensor) -> bool:
-    """Whether a convolution of x with `weight` can run from a kept pack: on the CPU, in
-    float32 or bf16, for a weight with a version counter, where oneDNN is built in."""
+    """Whether a convolution of x with `weight` can run from a pack: on the CPU, in float32
+    or bf16, for a weight with a version counter, where oneDNN is built in and enabled."""
     return (
         x.device.type == "cpu"
         and weight.device.type == "cpu"
         and not weight.is_inference()
         and compute_dtype(weight) in DTYPES
         and available()
+        and torch.backends.mkldnn.enabled
     )
 
 
@@ -101,6 +105,7 @@ class SequencePacks:
 
     def input_grad(self, grad: Tensor) -> Tensor:
         """The gradient of conv(x) with respect to x, given the gradient of its output."""
+        self._forward = None  # backward has begun: the forward's pack is done with
         padding = self.weight.shape[-1] - 1 - self.padding
         if self._backward is None:
             # from the contiguous layout, flipped first: the transposed copy then moves whole
@@ -110,7 +115,7 @@ class SequencePacks:
         return packed_conv(grad, self._backward, None, padding)
 
 
-# weight -> {(dtype, lo, hi): (state, pack, bias)}, for as long as the weight lives
+# weight -> {(dtype, lo, hi, with bias): (state, pack, bias)}, for as long as the weight lives
 _KEPT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -121,23 +126,24 @@ def kept_conv(
     bias: bool = True,
 ) -> Callable[[Tensor], Tensor]:
     """x -> conv's convolution (over its input channels lo:hi, all by default; with its bias
-    unless bias=False) in `dtype` from a pack kept while conv's weight and bias are unchanged,
-    for inference (no autograd). `conv`: stride 1, 'same' padding, one group."""
+    unless bias=False) in `dtype` from a pack kept while conv's weight and bias are unchanged
+    (checked at every call), for inference (no autograd). `conv`: stride 1, symmetric
+    padding, one group."""
     weight, b = conv.weight, conv.bias if bias else None
     lo, hi = channels if channels is not None else (0, weight.shape[1])
     padding = conv.padding[0]
-    state = (
-        weight.data_ptr(),
-        weight._version,
-        weight.shape,
-        None if b is None else (b.data_ptr(), b._version),
-    )
     per_weight = _KEPT.setdefault(weight, {})
-    key = (dtype, lo, hi)
-    kept = per_weight.get(key)
+    key = (dtype, lo, hi, b is not None)
 
     def run(x: Tensor) -> Tensor:
-        nonlocal kept
+        state = (
+            weight.data_ptr(),
+            weight._version,
+            weight.dtype,
+            weight.shape,
+            None if b is None else (b.data_ptr(), b._version),
+        )
+        kept = per_weight.get(key)
         if kept is None or kept[0] != state:
             with torch.no_grad():
                 part = weight[:, lo:hi].to(dtype)

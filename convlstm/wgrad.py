@@ -146,6 +146,7 @@ class _TapedConv(Function):
                 dx = ctx.packs.input_grad(grad)
             else:
                 dx = _grads(ctx.padding, x, grad, weight, [True, False, False])[0]
+        ctx.packs = None  # not kept alive by a graph that outlives its backward
         ctx.tape.keep(ctx.head, x, grad)
         return (dx, None, None, None, None, *([None] * (len(ctx.needs_input_grad) - 5)))
 

@@ -3,6 +3,7 @@ kept while the weight is unchanged, and what the fast path streams and forecasts
 
 import dataclasses
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -144,6 +145,41 @@ def test_what_packs_serve():
         frozen = torch.randn(8, 4, 3, 3)  # no version counter to tell a change by
     assert not packed.serves(x, frozen)
     assert packed.compute_dtype(weight) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone
+        assert packed.compute_dtype(weight.double()) == torch.float64
+        assert not packed.serves(x.double(), weight.double())
+    with warnings.catch_warnings():  # (its TF32 flag warns on builds without Intel GPUs)
+        warnings.simplefilter("ignore")
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not packed.serves(x, weight)
+
+
+def test_a_kept_convolution_held_across_a_change_sees_the_new_weights():
+    layer = torch.nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        conv = packed.kept_conv(layer, torch.float32)
+        conv(x)
+        layer.weight.mul_(-2.0)
+        torch.testing.assert_close(conv(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_training_sequence_lets_go_of_its_packs_once_backward_has_run():
+    from convlstm.wgrad import WeightGradBatch
+
+    weight = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+    batch = WeightGradBatch(weight, None, 1, packed=True)
+    packs = weakref.ref(batch.packs)
+    h = torch.randn(2, 4, 5, 5)
+    for _ in range(3):
+        h = torch.tanh(batch.conv(h))
+    loss = h.sum()
+    del batch
+    gc.collect()
+    assert packs() is not None  # the graph holds them until its backward
+    loss.backward()
+    gc.collect()
+    assert packs() is None and loss.grad_fn is not None and weight.grad is not None
 
 
 # --- the fast path: streaming and forecasting without autograd ---------------------------

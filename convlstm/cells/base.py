@@ -26,8 +26,8 @@ class RecurrentCell(nn.Module):
     checkpointing = False  # recompute each step's activations in backward (less memory)
     channels_last = False  # new zero states in channels-last memory format
     winograd = False  # 3x3 / 5x5 convolutions by Winograd (cells with step_convs; the CPU)
-    # without autograd, the convolutions from weights packed once for oneDNN (cells with
-    # step_convs; the CPU; convlstm.packed)
+    # the convolutions from weights packed once for oneDNN (convlstm.packed; the CPU): kept
+    # packs without autograd (cells with step_convs), and with batched_wgrad in training
     packed = False
     # the convolutions' weight gradients made once per sequence (convlstm.wgrad), for the
     # cells whose open_sequence supports it (ConvLSTM, ConvGRU, ConvRNN)

@@ -72,7 +72,8 @@ class ConvGRUCell(RecurrentCell):
     def step(
         self, x: Tensor | None, state: tuple[Tensor, ...], convs: tuple | None = None
     ) -> tuple[Tensor]:
-        """convs: (W_x * ., W_h * .) to run instead of conv_x and conv_h (Winograd's)."""
+        """convs: (W_x * ., W_h * .) to run instead of conv_x and conv_h (Winograd's, packed
+        ones, batched ones)."""
         (h,) = state
         conv_x, conv_h = (self.conv_x, self.conv_h) if convs is None else convs
         from_x = None if x is None else conv_x(x)
@@ -238,7 +239,7 @@ class ConvRNNCell(RecurrentCell):
         self.conv = conv(in_channels + c, c, kernel_size, bias=bias and norm == "none")
 
     def step(self, x: Tensor | None, state: tuple[Tensor, ...], conv=None) -> tuple[Tensor]:
-        """conv: W * . to run instead of self.conv (Winograd's)."""
+        """conv: W * . to run instead of self.conv (Winograd's, a packed one, a batched one)."""
         (h,) = state
         out = torch.tanh(self.norm((self.conv if conv is None else conv)(with_input(x, h))))
         return (out.to(h.dtype),)  # the state keeps its dtype (float32 under autocast)

@@ -133,7 +133,7 @@ class ConvLSTMCell(RecurrentCell):
         dtype if autocast is on (so the per-step convolutions neither copy nor cast them),
         Winograd-transformed with `winograd` (one transform of W for both, shared with the
         forecast steps' W inside a winograd.shared_transforms scope); W_h's gradient batched
-        with `batched_wgrad`."""
+        with `batched_wgrad`; without autograd, with `packed`, both from kept packs."""
         if self.winograd_now():
             n, c = self.in_channels, self.conv.weight.shape[1]
             with winograd.shared_transforms():  # one transform serves both parts
