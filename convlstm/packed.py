@@ -87,35 +87,41 @@ class SequencePacks:
     """One weight's packs for the steps of one training sequence (convlstm.wgrad): its
     convolution, and its input gradient, which is the convolution of the output gradient with
     the filter flipped and its two channel axes swapped (stride 1, 'same' padding, odd square
-    filters). Each is packed on first use and not kept: the weights change at every training
-    step. `weight` and `bias` are taken in the dtype they come in (autocast's, cast once)."""
+    filters). Each is packed on first use, for each input shape, and not kept: the weights
+    change at every training step. `weight` and `bias` are taken in the dtype they come in
+    (autocast's, cast once)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, padding: int) -> None:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.padding = padding
-        self._forward: Tensor | None = None
-        self._backward: Tensor | None = None
+        self._forward: dict[tuple[int, ...], Tensor] = {}  # input shape -> pack
+        self._backward: dict[tuple[int, ...], Tensor] = {}
 
     def conv(self, x: Tensor) -> Tensor:
         """F.conv2d(x, weight, bias, padding=padding)."""
-        if self._forward is None:
-            self._forward = pack(self.weight, self.padding, x.shape)
-        return packed_conv(x, self._forward, self.bias, self.padding)
+        packed = self._forward.get(tuple(x.shape))
+        if packed is None:
+            packed = self._forward[tuple(x.shape)] = pack(self.weight, self.padding, x.shape)
+        return packed_conv(x, packed, self.bias, self.padding)
 
     def input_grad(self, grad: Tensor) -> Tensor:
         """The gradient of conv(x) with respect to x, given the gradient of its output."""
-        self._forward = None  # backward has begun: the forward's pack is done with
+        self._forward.clear()  # backward has begun: the forward's packs are done with
         padding = self.weight.shape[-1] - 1 - self.padding
-        if self._backward is None:
+        packed = self._backward.get(tuple(grad.shape))
+        if packed is None:
             # from the contiguous layout, flipped first: the transposed copy then moves whole
             # rows of k * k taps (from a channels-last weight it took 2-3x as long)
             flipped = self.weight.contiguous().flip(2, 3).transpose(0, 1)
-            self._backward = pack(flipped, padding, grad.shape)
-        return packed_conv(grad, self._backward, None, padding)
+            packed = self._backward[tuple(grad.shape)] = pack(flipped, padding, grad.shape)
+        return packed_conv(grad, packed, None, padding)
 
 
-# weight -> {(dtype, lo, hi, with bias): (state, pack, bias)}, for as long as the weight lives
+# weight -> {(dtype, lo, hi, with bias, input shape): (state, pack, bias)}, for as long as the
+# weight lives, at most KEPT_PER_WEIGHT of them (a stream, a forecast's steps and its hoisted
+# context need three shapes, the two halves of a hoisted ConvLSTM weight one each more)
+KEPT_PER_WEIGHT = 6
 _KEPT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -133,9 +139,12 @@ def kept_conv(
     lo, hi = channels if channels is not None else (0, weight.shape[1])
     padding = conv.padding[0]
     per_weight = _KEPT.setdefault(weight, {})
-    key = (dtype, lo, hi, b is not None)
 
     def run(x: Tensor) -> Tensor:
+        # one pack per input shape: oneDNN chooses the blocked layout for the shape, and a
+        # pack made for another can fall off its fast kernels (a ConvGRU input convolution
+        # at batch 2 from a pack made for batch 20 took 48 ms, against 0.6 ms)
+        key = (dtype, lo, hi, b is not None, tuple(x.shape))
         state = (
             weight.data_ptr(),
             weight._version,
@@ -148,6 +157,9 @@ def kept_conv(
             with torch.no_grad():
                 part = weight[:, lo:hi].to(dtype)
                 kept = (state, pack(part, padding, x.shape), None if b is None else b.to(dtype))
+            per_weight.pop(key, None)
+            while len(per_weight) >= KEPT_PER_WEIGHT:  # the oldest shape goes first
+                per_weight.pop(next(iter(per_weight)))
             per_weight[key] = kept
         return packed_conv(x, kept[1], kept[2], padding)
 

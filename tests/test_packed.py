@@ -109,6 +109,23 @@ def test_the_kept_pack_is_made_once_and_again_after_each_change(dtype, monkeypat
         assert len(made) == 1 + len(_changes(layer))
 
 
+def test_each_input_shape_has_its_own_kept_pack_and_few_are_kept(monkeypatch):
+    """oneDNN lays a pack out for an input shape (one made for another can be 80x slower)."""
+    made = []
+    pack = packed.pack
+    monkeypatch.setattr(packed, "pack", lambda *a: made.append(a[2]) or pack(*a))
+    layer = torch.nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        conv = packed.kept_conv(layer, torch.float32)
+        for batch in (1, 2, 1, 2):
+            x = torch.randn(batch, 4, 5, 5)
+            torch.testing.assert_close(conv(x), layer(x), rtol=1e-5, atol=1e-5)
+        assert made == [(1, 4, 5, 5), (2, 4, 5, 5)]
+        for batch in range(3, 3 + packed.KEPT_PER_WEIGHT):
+            conv(torch.randn(batch, 4, 5, 5))
+    assert len(packed._KEPT[layer.weight]) == packed.KEPT_PER_WEIGHT
+
+
 def test_channel_ranges_and_no_bias_pack_their_part_of_the_weight():
     layer = torch.nn.Conv2d(7, 8, 5, padding=2)
     x, h = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6)
