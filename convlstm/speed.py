@@ -35,8 +35,8 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 - native_gates: the plain ConvLSTM gate update, forward and backward, as one C pass each
   (convlstm/gates.c; the forward saves the gate activations, its sigmoid and tanh within 2
   eps of PyTorch's), for float32 / float64, and autocast's bf16 pre-activations with a
-  float32 memory, on the CPU while training, where autograd's version is a dozen small
-  kernels each way and a concatenation.
+  float32 memory, on the CPU, where autograd's version is a dozen small kernels each way and
+  a concatenation (without grad, too: one pass beats the dozen kernels when streaming).
 - packed: the convolutions of ConvLSTM, ConvGRU and ConvRNN cells (and a model's output
   head) run from weights cast and packed once into oneDNN's blocked layout (convlstm.packed),
   where F.conv2d reorders (and under autocast casts) the weight at every call; on the CPU,
