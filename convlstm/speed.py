@@ -48,7 +48,7 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 
 Precision: on CUDA the fast path runs under bf16 autocast ("auto"). On a CPU with AMX-BF16
 units (cpu_bf16_units), "auto" also means bf16 for the fast path, whose options there are
-hoisting, channels-last, batched_wgrad and native_gates (for_path); elsewhere, and with
+hoisting, channels-last, batched_wgrad, native_gates and packed (for_path); elsewhere, and with
 precision="fp32", the CPU fast path is float32 with Winograd.
 """
 
@@ -126,9 +126,11 @@ class SpeedOptions:
         On a CPU under bf16 autocast (where AMX units run bf16 convolutions at 4-9x
         the float32 rate): hoisting; channels-last, the layout of oneDNN's fastest bf16
         kernels; the weight gradient batched over the steps (per-step bf16 weight gradients
-        ran at half the rate and were summed step by step); and the C gate update. Winograd,
-        meant for float32, stays off. 2-core Xeon with AMX, against eager float32:
-        mmnist-cpu-small 2.16x at batch 8 and 2.42x at batch 16, ConvLSTM-S 3.84x at batch 2.
+        ran at half the rate and were summed step by step); the C gate update; and the
+        convolutions from packed weights (1.08-1.13x in training on the 4 x 128 presets,
+        1.5-2.3x when streaming). Winograd, meant for float32, stays off. 2-core Xeon with
+        AMX, against eager float32: mmnist-cpu-small 2.26x at batch 8 and 2.50x at batch
+        16, ConvLSTM-S 4.39x at batch 2; streaming at batch 1 1.27x and 4.49x.
 
         On a CPU in float32, where training is bound by the convolutions' arithmetic:
         hoisting, Winograd 3x3 and 5x5 convolutions and the C gate update. 2-core AVX-512
