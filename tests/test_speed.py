@@ -361,6 +361,14 @@ def test_streaming_predictor_equals_model_step():
             state = None
     with pytest.raises(ShapeError, match="built for frames"):
         stream(torch.rand(1, 1, 8, 8))
+    # without a graph each call returns a new tensor: neither the next call nor reset()
+    # changes a prediction the caller holds
+    first = stream(frames[0])
+    kept = first.clone()
+    stream(frames[1])
+    stream.reset()
+    torch.testing.assert_close(first, kept)
+    torch.testing.assert_close(stream(frames[0].double()), kept)  # any dtype, as copy_ took
     ef = build_model(ModelConfig(architecture="encoder_forecaster", hidden_channels=(4, 4)))
     with pytest.raises(ConfigError, match="predicts every next frame"):
         StreamingPredictor(ef, (1, 1, 16, 16))
