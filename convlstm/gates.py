@@ -213,6 +213,10 @@ def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
             suffix = _NATIVE_DTYPES.get((z.dtype, c.dtype))
             kernels = None if suffix is None else _native_kernels(suffix)
         if kernels is None:
+            bf16_float32 = z.dtype == torch.bfloat16 and c.dtype == torch.float32
+            if bf16_float32 and not torch.is_grad_enabled():
+                # float32 arithmetic as in the C pass, not bf16 gates (eager autocast)
+                z, z_more = z.float(), None if z_more is None else z_more.float()
             return lstm_update(z, c, z_more)
         return _NativeUpdate.apply(z, c, z_more, kernels)
 

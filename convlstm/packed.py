@@ -64,8 +64,9 @@ def serves(x: Tensor, weight: Tensor) -> bool:
 
 def pack(weight: Tensor, padding: int, input_shape: tuple[int, ...]) -> Tensor:
     """`weight` (C_out, C_in, k, k), already in the compute dtype, in oneDNN's blocked layout
-    for stride-1 convolutions with `padding` of inputs shaped like `input_shape` (the layout
-    serves other batch sizes too). Not differentiable."""
+    for stride-1 convolutions with `padding` of inputs shaped like `input_shape` (other
+    shapes get the right result, but possibly far slower: keep a pack per shape). Not
+    differentiable."""
     dense = weight.detach().contiguous()
     p = [padding, padding]
     return torch._C._nn.mkldnn_reorder_conv2d_weight(
@@ -152,15 +153,14 @@ def kept_conv(
             weight.shape,
             None if b is None else (b.data_ptr(), b._version),
         )
-        kept = per_weight.get(key)
+        kept = per_weight.pop(key, None)  # put back last: the least recently used goes first
         if kept is None or kept[0] != state:
             with torch.no_grad():
                 part = weight[:, lo:hi].to(dtype)
                 kept = (state, pack(part, padding, x.shape), None if b is None else b.to(dtype))
-            per_weight.pop(key, None)
-            while len(per_weight) >= KEPT_PER_WEIGHT:  # the oldest shape goes first
+            while len(per_weight) >= KEPT_PER_WEIGHT:
                 per_weight.pop(next(iter(per_weight)))
-            per_weight[key] = kept
+        per_weight[key] = kept
         return packed_conv(x, kept[1], kept[2], padding)
 
     return run

@@ -142,6 +142,16 @@ def test_without_grad_the_c_pass_runs_and_keeps_no_graph(update, monkeypatch, bf
         torch.testing.assert_close(g, e)
 
 
+def test_without_grad_a_broadcast_memory_keeps_float32_arithmetic_under_bf16(update):
+    z = torch.randn(2, 8, 3, 3).to(torch.bfloat16)
+    c = torch.randn(1, 2, 3, 3)  # broadcast: the eager update, with z taken to float32
+    with torch.no_grad():
+        got = update(z, c)
+    for g, e in zip(got, lstm_update(z.float(), c), strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e)
+
+
 @pytest.mark.parametrize("c_shape", [(1, 2, 3, 3), (2, 1, 3, 3), (4, 2, 3, 3)])
 def test_a_broadcast_memory_runs_the_eager_update(update, c_shape):
     z = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)

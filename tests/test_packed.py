@@ -121,8 +121,15 @@ def test_each_input_shape_has_its_own_kept_pack_and_few_are_kept(monkeypatch):
             x = torch.randn(batch, 4, 5, 5)
             torch.testing.assert_close(conv(x), layer(x), rtol=1e-5, atol=1e-5)
         assert made == [(1, 4, 5, 5), (2, 4, 5, 5)]
-        for batch in range(3, 3 + packed.KEPT_PER_WEIGHT):
+        for batch in range(3, 1 + packed.KEPT_PER_WEIGHT):  # fills the cache, batch 1 oldest
             conv(torch.randn(batch, 4, 5, 5))
+        conv(torch.randn(1, 4, 5, 5))  # used again: now the most recent
+        made.clear()
+        conv(torch.randn(9, 4, 5, 5))  # one over: the least recently used (batch 2) goes
+        conv(torch.randn(1, 4, 5, 5))
+        assert made == [(9, 4, 5, 5)]
+        conv(torch.randn(2, 4, 5, 5))
+        assert made == [(9, 4, 5, 5), (2, 4, 5, 5)]
     assert len(packed._KEPT[layer.weight]) == packed.KEPT_PER_WEIGHT
 
 
