@@ -70,7 +70,10 @@ def test_main_job_lowers_the_loss_and_writes_every_output(tmp_path, mnist_dir):
         assert name in blob, name
 
 
-def test_evaluate_rebuilds_the_model_from_the_checkpoint_alone(tmp_path, mnist_dir):
+@pytest.mark.parametrize("path", ["eager", "fast"])
+def test_evaluate_rebuilds_the_model_from_the_checkpoint_alone(tmp_path, mnist_dir, path):
+    """On the path the run trained on (the fast path: bf16 with packed weights on an AMX CPU,
+    float32 with Winograd elsewhere), evaluation scores what the run's own evaluation did."""
     from experiments import evaluate
 
     out = tmp_path / "run"
@@ -78,6 +81,8 @@ def test_evaluate_rebuilds_the_model_from_the_checkpoint_alone(tmp_path, mnist_d
     trained = moving_mnist.main(
         [
             *TINY,
+            "--path",
+            path,
             "--steps",
             "2",
             "--test-sequences",
@@ -92,8 +97,13 @@ def test_evaluate_rebuilds_the_model_from_the_checkpoint_alone(tmp_path, mnist_d
     report = evaluate.main(
         ["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "e.json")]
     )
+    assert report["path"] == path
     assert report["model"]["mse_frame"] == pytest.approx(trained["model"]["mse_frame"], rel=1e-5)
     assert json.loads((tmp_path / "e.json").read_text())["step"] == 2
+    if path == "fast":  # the reference, on request: close, not the same arithmetic
+        eager = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--path", "eager"])
+        assert (eager["path"], eager["precision"]) == ("eager", "fp32")
+        assert eager["model"]["mse_frame"] == pytest.approx(report["model"]["mse_frame"], rel=2e-2)
 
 
 def _train(tmp_path, name, batches=moving_squares, resume=None, **overrides):
