@@ -98,7 +98,8 @@ def test_evaluate_rebuilds_the_model_from_the_checkpoint_alone(tmp_path, mnist_d
         ["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "e.json")]
     )
     assert report["path"] == path
-    assert report["model"]["mse_frame"] == pytest.approx(trained["model"]["mse_frame"], rel=1e-5)
+    # the same arithmetic: eager bf16 instead of the fast path differed by 2e-6 here
+    assert report["model"]["mse_frame"] == pytest.approx(trained["model"]["mse_frame"], rel=1e-7)
     assert json.loads((tmp_path / "e.json").read_text())["step"] == 2
     if path == "fast":  # the reference, on request: close, not the same arithmetic
         eager = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--path", "eager"])
