@@ -76,7 +76,7 @@ class RecurrentCell(nn.Module):
             weight = self.first_parameter()  # inference one step at a time:
             if self.winograd_now(weight) and winograd.keeps_per_step(state[0], weight):
                 convs = self.step_convs(winograd.step_conv)
-            elif self.packed and packed.serves(state[0], weight):
+            elif self.packs_now(weight):
                 convs = self.step_convs(packed.step_conv)
         if convs is None:
             state = self.run_step(self.step, x, state)
@@ -93,6 +93,15 @@ class RecurrentCell(nn.Module):
             return False
         weight = self.first_parameter() if weight is None else weight
         return not torch.is_autocast_enabled(weight.device.type)
+
+    def packs_now(self, weight: Tensor | None = None) -> bool:
+        """Whether the convolutions run from kept packs now (convlstm.packed): with `packed`,
+        without autograd, where packs serve (the CPU, float32 or bf16); `weight`:
+        self.first_parameter(), where the caller has it already."""
+        if not self.packed or torch.is_grad_enabled():
+            return False
+        weight = self.first_parameter() if weight is None else weight
+        return packed.serves(weight, weight)
 
     def first_parameter(self) -> Tensor:
         """next(self.parameters()), without the generators behind it: asked at every step,

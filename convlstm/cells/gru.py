@@ -101,10 +101,8 @@ class ConvGRUCell(RecurrentCell):
         """The two convolutions are separate already: None, or open_sequence's (Winograd's,
         or with batched_wgrad a plain W_x, which runs once over all frames, and a batched
         W_h; without autograd, with `packed`, both from kept packs)."""
-        weight = self.conv_h.weight
-        if not self.winograd_now() and self.packed and not torch.is_grad_enabled():
-            if packed.serves(weight, weight):
-                return self._convs(packed.step_conv)
+        if not self.winograd_now() and self.packs_now():
+            return self._convs(packed.step_conv)
         if self.winograd_now() or not (self.batched_wgrad and torch.is_grad_enabled()):
             return self.open_sequence()
         # W_x: one call over all frames, nothing to batch

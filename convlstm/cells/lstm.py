@@ -140,7 +140,7 @@ class ConvLSTMCell(RecurrentCell):
                 return self._winograd(self.conv.bias, (0, n)), self._winograd(None, (n, c))
         weight = self.conv.weight
         n = self.in_channels
-        if self.packed and not torch.is_grad_enabled() and packed.serves(weight, weight):
+        if self.packs_now():
             dtype = packed.compute_dtype(weight)
             return (
                 packed.kept_conv(self.conv, dtype, (0, n)),
