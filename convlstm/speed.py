@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,18 @@ def _amx_permission() -> bool:
     return bool(init()) if init is not None else True
 
 
+def _onednn_allows_amx() -> bool:
+    """False where oneDNN is held below the AMX instructions by ONEDNN_MAX_CPU_ISA (or its
+    older name DNNL_MAX_CPU_ISA; e.g. AVX2, AVX512_CORE_BF16): its bf16 convolutions then run
+    without the tiles, however the CPU is built. Values with AMX in their name (e.g.
+    AVX512_CORE_AMX), ALL and DEFAULT leave AMX on."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip().upper()
+        if value:
+            return "AMX" in value or value in ("ALL", "DEFAULT")
+    return True
+
+
 @functools.cache
 def cpu_bf16_units() -> bool:
     """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later), with which
@@ -204,9 +217,12 @@ def cpu_bf16_units() -> bool:
     at ConvLSTM's shapes). Without them bf16 is taken to be slower than float32: on that
     Xeon with oneDNN held to AVX512-BF16 instructions (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16,
     as on AMD Zen 4) the bf16 fast path trained at 0.80-0.93x eager float32
-    (mmnist-cpu-small, ConvLSTM-S); no CPU without AMX itself has run it."""
+    (mmnist-cpu-small, ConvLSTM-S); no CPU without AMX itself has run it. False too where
+    ONEDNN_MAX_CPU_ISA holds oneDNN below AMX (as a stand-in for an older CPU, say)."""
     if "amx_bf16" not in _cpu_flags() or not torch.backends.mkldnn.is_available():
         return False  # (without oneDNN, PyTorch's own bf16 convolutions are slow)
+    if not _onednn_allows_amx():
+        return False
     return _amx_permission()
 
 

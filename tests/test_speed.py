@@ -718,11 +718,39 @@ def test_cpu_bf16_units_need_amx_tiles_and_the_kernels_permission(
     monkeypatch.setattr(speed, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(speed, "_amx_permission", lambda: permission)
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     speed.cpu_bf16_units.cache_clear()
     try:
         assert speed.cpu_bf16_units() is expected
     finally:
         speed.cpu_bf16_units.cache_clear()  # the real answer again for later tests
+
+
+@pytest.mark.parametrize(
+    "variable, value, expected",
+    [
+        ("ONEDNN_MAX_CPU_ISA", "AVX2", False),  # oneDNN held below AMX: no tiles used
+        ("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16", False),
+        ("DNNL_MAX_CPU_ISA", "AVX512_CORE_VNNI", False),  # the older name
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", True),
+        ("ONEDNN_MAX_CPU_ISA", "avx10_1_512_amx_fp16", True),
+        ("ONEDNN_MAX_CPU_ISA", "ALL", True),
+        ("ONEDNN_MAX_CPU_ISA", "", True),  # set but empty: oneDNN's own choice
+    ],
+)
+def test_cpu_bf16_units_follow_onednns_isa_limit(monkeypatch, variable, value, expected):
+    monkeypatch.setattr(speed, "_cpu_flags", lambda: {"amx_tile", "amx_bf16"})
+    monkeypatch.setattr(speed, "_amx_permission", lambda: True)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv(variable, value)
+    speed.cpu_bf16_units.cache_clear()
+    try:
+        assert speed.cpu_bf16_units() is expected
+    finally:
+        speed.cpu_bf16_units.cache_clear()
 
 
 def test_cpu_flags_are_read_from_the_flags_line(tmp_path):
