@@ -183,7 +183,8 @@ def test_hand_written_backward_passes_gradcheck(k, transforms):
 def test_float32_error_stays_near_the_direct_convolutions(k, grid, transforms):
     """At most about 1e-5 of the output's scale (measured 3e-6 to 1.1e-5, depending on the
     CPU): one to two decimal digits more rounding than the direct convolution, whose own error
-    depends on the CPU's kernels too (1e-6 on an AVX2 EPYC, 3e-7 to 5e-7 with AVX-512)."""
+    depends on the CPU's kernels too (1e-6 on an AVX2 EPYC, 2.05e-6 on a Xeon with oneDNN
+    held to AVX2 for 5x5 filters, 3e-7 to 5e-7 with AVX-512)."""
     torch.manual_seed(0)
     x = torch.randn(16, 128, grid, grid, dtype=torch.float64)
     weight = torch.randn(256, 128, k, k, dtype=torch.float64) / (10 * k)
@@ -192,7 +193,7 @@ def test_float32_error_stays_near_the_direct_convolutions(k, grid, transforms):
     direct = F.conv2d(x.float(), weight.float(), padding=k // 2).double()
     scale = exact.abs().max()
     error, direct_error = ((y - exact).abs().max() / scale for y in (got, direct))
-    assert error < 2e-5 and direct_error < 2e-6
+    assert error < 2e-5 and direct_error < 4e-6
 
 
 def _steps(conv, x0, extra):
