@@ -153,6 +153,21 @@ def _dense_layout(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _native_forward(z: Tensor, c: Tensor, z_more: Tensor | None, kernel):
+    """gates.c's forward pass: (h', c', the activations, c and t = tanh(c') as it read and
+    wrote them, in one dense layout)."""
+    layout = _dense_layout(z)
+    z, c = z.contiguous(memory_format=layout), c.contiguous(memory_format=layout)
+    more = None if z_more is None else z_more.contiguous(memory_format=layout)
+    act = torch.empty_like(z, dtype=c.dtype)  # the memory's dtype: float32 under autocast
+    c_new, t, h = (torch.empty_like(c) for _ in range(3))
+    b, ch, height, width = c.shape
+    tensors = (z, more, c, act, c_new, t, h)
+    nhwc = int(layout == torch.channels_last)
+    kernel(*(None if x is None else x.data_ptr() for x in tensors), b, ch, height * width, nhwc)
+    return h, c_new, act, c, t
+
+
 class _NativeUpdate(torch.autograd.Function):
     """lstm_update as two C passes (convlstm/gates.c): the forward saves the gate activations,
     and the backward writes dz in z's layout, instead of autograd's dozen kernels each way and
@@ -161,17 +176,7 @@ class _NativeUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, c, z_more, kernels):
-        layout = _dense_layout(z)
-        z, c = z.contiguous(memory_format=layout), c.contiguous(memory_format=layout)
-        more = None if z_more is None else z_more.contiguous(memory_format=layout)
-        act = torch.empty_like(z, dtype=c.dtype)  # the memory's dtype: float32 under autocast
-        c_new, t, h = (torch.empty_like(c) for _ in range(3))
-        b, ch, height, width = c.shape
-        tensors = (z, more, c, act, c_new, t, h)
-        nhwc = int(layout == torch.channels_last)
-        kernels[0](
-            *(None if x is None else x.data_ptr() for x in tensors), b, ch, height * width, nhwc
-        )
+        h, c_new, act, c, t = _native_forward(z, c, z_more, kernels[0])
         ctx.kernel, ctx.more, ctx.z_dtype = kernels[1], z_more is not None, z.dtype
         ctx.save_for_backward(act, c, t)
         return h, c_new
@@ -218,6 +223,8 @@ def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
                 # float32 arithmetic as in the C pass, not bf16 gates (eager autocast)
                 z, z_more = z.float(), None if z_more is None else z_more.float()
             return lstm_update(z, c, z_more)
+        if not torch.is_grad_enabled():  # nothing to save: no autograd node (about 10 us)
+            return _native_forward(z, c, z_more, kernels[0])[:2]
         return _NativeUpdate.apply(z, c, z_more, kernels)
 
     return update
