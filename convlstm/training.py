@@ -315,6 +315,8 @@ def train(
             )
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
+        for group in optimizer.param_groups:  # this run's kernel, not the saved run's
+            group["fused"] = speed.fused_optimizer or None
         before = payload["train_config"] or {}
         if (before.get("steps"), before.get("schedule")) == (cfg.steps, cfg.schedule):
             scheduler.load_state_dict(payload["scheduler"])

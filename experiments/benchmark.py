@@ -86,6 +86,7 @@ VARIANTS: dict[str, tuple[str, Options]] = {
     ),
     "fast-no-native-gates": ("auto", _fast(native_gates=False)),
     "fast-no-packed": ("auto", _fast(packed=False)),  # inference: F.conv2d at every step
+    "fast-no-fused-optimizer": ("auto", _fast(fused_optimizer=False)),
     # the float32 CPU path's parts (Winograd and the C gate update run in float32)
     "fast-fp32-no-winograd": ("fp32", _fast(winograd=False)),
     "fast-fp32-no-native-gates": ("fp32", _fast(native_gates=False)),
@@ -107,6 +108,7 @@ DEFAULT_VARIANTS = {
         "fast",
         "fast-fp32-no-native-gates",
         "fast-fp32-no-winograd",
+        "fast-no-fused-optimizer",
         "fast-checkpointing",
     ],
     # a CPU with AMX-BF16 units, where "fast" runs in bf16
@@ -116,6 +118,7 @@ DEFAULT_VARIANTS = {
         "fast",
         "fast-no-batched-wgrad",
         "fast-no-packed",
+        "fast-no-fused-optimizer",
         "fast-fp32",
         "fast-checkpointing",
     ],

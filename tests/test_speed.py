@@ -318,13 +318,38 @@ def test_speed_options_refuse_cuda_only_parts_on_the_cpu():
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match="cuda_graph needs a CUDA device"):
         SpeedOptions(cuda_graph=True).check(cpu)
-    with pytest.raises(ConfigError, match="fused_optimizer needs a CUDA device"):
-        SpeedOptions(fused_optimizer=True).check(cpu)
+    SpeedOptions(fused_optimizer=True).check(cpu)  # fused Adam runs on the CPU too
     with pytest.raises(ConfigError, match="path must be"):
         SpeedOptions.for_path("quick", cpu)
     fast_cpu = SpeedOptions.for_path("fast", cpu)
-    assert fast_cpu == SpeedOptions(hoist=True, winograd=True, native_gates=True)
+    assert fast_cpu == SpeedOptions(
+        hoist=True, winograd=True, native_gates=True, fused_optimizer=True
+    )
+    assert SpeedOptions.for_path("fast", cpu, amp_dtype=torch.bfloat16).fused_optimizer
     assert SpeedOptions.for_path("fast", torch.device("cuda")).cuda_graph
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_fused_adam_on_the_cpu_takes_the_same_steps(optimizer):
+    """The fast path's fused Adam / AdamW kernel on the CPU: the same parameters, step by step,
+    as the per-tensor reference (float64, to 1e-12)."""
+    from convlstm.training import make_optimizer
+
+    cfg = build(TrainConfig, dict(optimizer=optimizer, lr=1e-2, weight_decay=0.1))
+    models = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(hidden_channels=(4,), kernel_size=3)).double()
+        models.append((model, make_optimizer(model, cfg, fused=fused)))
+    assert models[1][1].param_groups[0]["fused"] and not models[0][1].param_groups[0]["fused"]
+    frames = torch.rand(3, 6, 1, 8, 8, dtype=torch.float64)
+    for _ in range(4):
+        for model, opt in models:
+            opt.zero_grad()
+            model(frames[:, :3], horizon=3).square().mean().backward()
+            opt.step()
+        for a, b in zip(models[0][0].parameters(), models[1][0].parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
 def test_fast_training_follows_the_eager_run(tmp_path):
@@ -337,7 +362,7 @@ def test_fast_training_follows_the_eager_run(tmp_path):
         activation_checkpointing=True,
         precision="fp32",  # auto would be bf16 on a CPU with AMX-BF16 units
     )
-    assert fast["speed"] == "hoist+winograd+native_gates+checkpointing"
+    assert fast["speed"] == "hoist+fused_optimizer+winograd+native_gates+checkpointing"
     assert eager["speed"] == "eager"
     le = torch.tensor([loss for _, loss in eager["losses"]])
     lf = torch.tensor([loss for _, loss in fast["losses"]])
@@ -635,7 +660,12 @@ def test_the_cpu_bf16_fast_path_is_as_accurate_as_eager_bf16(monkeypatch, cell):
     config = ModelConfig(hidden_channels=(16, 8), kernel_size=3, patch_size=2, cell=cell)
     options = SpeedOptions.for_path("fast", torch.device("cpu"), amp_dtype=torch.bfloat16)
     assert options == SpeedOptions(
-        hoist=True, channels_last=True, batched_wgrad=True, native_gates=True, packed=True
+        hoist=True,
+        channels_last=True,
+        batched_wgrad=True,
+        native_gates=True,
+        packed=True,
+        fused_optimizer=True,
     )
     out_e, grads_e = _relative_errors(config, SpeedOptions(), torch.bfloat16)
     calls = []

@@ -184,6 +184,23 @@ def test_resume_keeps_the_precision_auto_resolved_to(tmp_path, monkeypatch):
     assert again["precision"] == "bfloat16" and len(again["losses"]) == 3
 
 
+def test_resume_takes_this_runs_optimizer_kernel(tmp_path):
+    """A checkpoint keeps its optimizer's settings, fused or not; a resumed run steps with the
+    kernel its own path chose (fused Adam on the fast path), whichever path saved it."""
+    _train(tmp_path, "eager", steps=3, checkpoint_every=0)
+    saved = load_checkpoint(tmp_path / "eager" / "checkpoint.pt")
+    assert not saved["optimizer"]["param_groups"][0]["fused"]
+    fast = dict(path="fast", precision="fp32", device="cpu", checkpoint_every=0)
+    _train(tmp_path, "fast", steps=6, resume=tmp_path / "eager" / "checkpoint.pt", **fast)
+    resumed = load_checkpoint(tmp_path / "fast" / "checkpoint.pt")
+    assert resumed["optimizer"]["param_groups"][0]["fused"] is True
+    _train(
+        tmp_path, "back", steps=8, checkpoint_every=0, resume=tmp_path / "fast" / "checkpoint.pt"
+    )
+    back = load_checkpoint(tmp_path / "back" / "checkpoint.pt")
+    assert not back["optimizer"]["param_groups"][0]["fused"]
+
+
 def test_resume_with_another_model_config_is_refused(tmp_path):
     _train(tmp_path, "run", steps=3)
     with pytest.raises(ConfigError, match="another model config"):
