@@ -10,9 +10,11 @@
 # test set. Each part runs under its own time limit and the next part runs whatever the last
 # one did, so a part that hangs or fails costs only its own time. Logs and JSON go to $OUT
 # (default gpu-check/), with a summary.txt of each part's exit status and seconds.
-# DEVICE, PRESET, BUDGET (s), SECONDS_PER_ENTRY (the benchmark's --seconds) and PYTHON change
-# what runs (DEVICE=cpu with a small preset tries the script out). The budget run's folder is
-# made outside $OUT (its checkpoint is large); its metrics, log and GIF are copied in.
+# Settings (environment): DEVICE, PRESET, BUDGET (s), SECONDS_PER_ENTRY (the benchmark's
+# --seconds), TRAIN_FLAGS (more flags for the budget run, e.g. "--lr 1e-3"), PARTS (which
+# parts run, e.g. PARTS=budget-run for a second budget run in another call) and PYTHON.
+# DEVICE=cpu with a small preset tries the script out. The budget run's folder is made
+# outside $OUT (its checkpoint is large); its metrics, log and GIF are copied in.
 set -u
 out=${OUT:-gpu-check}
 mnist=${MNIST_DIR:-../shared/data/mnist}
@@ -25,9 +27,12 @@ mkdir -p "$out"
 run=$(mktemp -d)/budget-run
 export CONVLSTM_OFFLINE=1 PYTHONUNBUFFERED=1
 
+parts=" ${PARTS:-pytest-gpu benchmark memory-traffic budget-run} "  # which parts run
+
 part() {  # part NAME LIMIT_S COMMAND...: run it, log it, note its status and time
     local name=$1 limit=$2
     shift 2
+    [[ "$parts" == *" $name "* ]] || return 0
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
@@ -59,8 +64,8 @@ part memory-traffic 60 "$python" -m experiments.memory_traffic --device "$device
     --preset "$preset" --variant fast --batch 64
 part budget-run $((budget + 100)) "$python" -m experiments.moving_mnist --preset "$preset" \
     --device "$device" --path fast --time-budget "$budget" --wandb disabled \
-    --mnist-dir "$mnist" --out "$run"
+    --mnist-dir "$mnist" --out "$run" ${TRAIN_FLAGS:-}
 cp "$run"/metrics.json "$run"/log.jsonl "$run"/forecast.gif "$out"/ 2>/dev/null
 rm -rf "$(dirname "$run")"
-tail -n 40 "$out/benchmark.log"
+[ -f "$out/benchmark.log" ] && tail -n 40 "$out/benchmark.log"
 cat "$out/summary.txt"
