@@ -135,13 +135,14 @@ class SpeedOptions:
         16, ConvLSTM-S 4.39x at batch 2; streaming at batch 1 1.27x and 4.49x.
 
         On a CPU in float32, where training is bound by the convolutions' arithmetic:
-        hoisting, Winograd 3x3 and 5x5 convolutions and the C gate update. Both CPU paths
-        use the fused Adam kernel too (since session 14; one step of Adam on ConvLSTM-S's
-        parameters: 7.8 against 33.5 ms). 2-core AVX-512
+        hoisting, Winograd 3x3 and 5x5 convolutions and the C gate update. 2-core AVX-512
         Xeon, mmnist-cpu-small: 1.74x eager at batch 8, 1.84x at batch 16; ConvLSTM-S 2.55x
         at batch 2; ConvGRU 2.28x. On a 2-core AVX2 EPYC a session earlier: 1.80x, 2.05x and
-        3.01x. Channels-last and compiled gates measured no better than eager within the
-        CPU's noise."""
+        3.01x; on the Xeon held to AVX2 (session 14): 1.87x, 1.97x and 2.77x. Channels-last
+        and compiled gates measured no better than eager within the CPU's noise.
+
+        Both CPU paths step with the fused Adam kernel too (one Adam step over ConvLSTM-S's
+        parameters: 7.8 against 33.5 ms; 1.01-1.02x of a training step)."""
         if path == "eager":
             return cls(checkpointing=checkpointing)
         if path != "fast":
