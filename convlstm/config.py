@@ -144,8 +144,9 @@ class TrainConfig:
     # (convlstm.speed.cpu_bf16_units); fp32 elsewhere. "fp16" adds a gradient scaler.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # "eager": the readable reference. "fast": the same arithmetic run faster (convlstm.speed:
-    # hoisted input convolutions, channels-last; on CUDA also compiled gates, a fused
-    # optimizer and the forward + backward replayed as one CUDA graph).
+    # hoisted input convolutions and a fused optimizer; on CUDA also channels-last, compiled
+    # gates and the forward + backward replayed as one CUDA graph; on the CPU the C gate
+    # update and Winograd convolutions, or with AMX-BF16 units bf16 from packed weights).
     path: Literal["eager", "fast"] = "eager"
     # Recompute each recurrent step's activations in backward instead of storing them.
     activation_checkpointing: bool = False

@@ -314,9 +314,14 @@ def train(
                 f"{resume} is already at step {start_step}; pass steps larger than that to go on"
             )
         model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        for group in optimizer.param_groups:  # this run's kernel, not the saved run's
-            group["fused"] = speed.fused_optimizer or None
+        saved = payload["optimizer"]
+        for group in saved["param_groups"]:  # this run's kernel, not the saved run's: set
+            group["fused"] = speed.fused_optimizer or None  # before loading, which places
+        optimizer.load_state_dict(saved)  # the step counts for the kernel it finds there
+        for state in optimizer.state.values():  # the for-each kernel counts on the host: a
+            step = state.get("step")  # fused CUDA run's device counts would sync each step
+            if not speed.fused_optimizer and isinstance(step, Tensor) and step.device.type != "cpu":
+                state["step"] = step.to("cpu", torch.float32)
         before = payload["train_config"] or {}
         if (before.get("steps"), before.get("schedule")) == (cfg.steps, cfg.schedule):
             scheduler.load_state_dict(payload["scheduler"])

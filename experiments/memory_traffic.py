@@ -145,7 +145,7 @@ def main(argv=None) -> TrafficTrace:
     torch.manual_seed(0)
     model_cfg = from_name(args.preset)
     model = apply_speed(build_model(model_cfg).to(device), options)
-    cfg = train_config(args.batch, precision, device)
+    cfg = train_config(args.batch, precision, device, model_cfg)
     step = _train_step(model, model_cfg, cfg, options, device)
     batch = torch.rand(args.batch, 20, model_cfg.in_channels, 64, 64, device=device)
     step(batch, None)  # warm: lazy state, cuDNN's choices
