@@ -320,8 +320,11 @@ def time_inference(
 ) -> list[dict[str, Any]]:
     """Streaming latency (one frame in, the next out, batch 1) and forecast rate (`batch`
     sequences: 10 context frames in, 10 frames out) of several variants (precision, options),
-    timed in turn (the order reversed every round; medians), as interleaved training is."""
+    timed in turn (the order reversed every round; medians), as interleaved training is.
+    Models that predict no next frame while reading (encoder-forecasters) time forecasts
+    only (stream_step_ms None)."""
     model_cfg = from_name(preset)
+    streams = MODELS[model_cfg.architecture].feeds_back
     shape = (1, model_cfg.in_channels, 64, 64)
     frames = torch.rand(64, *shape, device=device)
     context = torch.rand(batch, 10, *shape[1:], device=device)
@@ -330,16 +333,18 @@ def time_inference(
         torch.manual_seed(0)
         model = apply_speed(build_model(model_cfg).to(device), options).eval()
         amp_dtype, _ = resolve_precision(precision, device)
-        stream = StreamingPredictor(
-            model, shape, autocast_dtype=amp_dtype, graph=options.cuda_graph
-        )
+        stream = None
+        if streams:
+            stream = StreamingPredictor(
+                model, shape, autocast_dtype=amp_dtype, graph=options.cuda_graph
+            )
 
         def forecast(model=model, amp_dtype=amp_dtype) -> None:
             with torch.no_grad(), autocast(device, amp_dtype):
                 model(context, 10)
 
-        for frame in frames[:5]:  # warm-up: kept transforms and packs, lazy allocations
-            stream(frame)
+        for frame in frames[:5] if stream is not None else []:  # warm-up: kept transforms
+            stream(frame)  # and packs, lazy allocations
         forecast()
         runs.append((stream, forecast))
     per_round = 16  # streamed frames per variant and round
@@ -352,20 +357,21 @@ def time_inference(
             stream, forecast = runs[k]
             sync(device)
             start = time.perf_counter()
-            for i in range(per_round):
+            for i in range(per_round if stream is not None else 0):
                 stream(frames[(rounds * per_round + i) % len(frames)])
             sync(device)
             middle = time.perf_counter()
             forecast()
             sync(device)
             end = time.perf_counter()
-            stream_s[k].append((middle - start) / per_round)
+            if stream is not None:
+                stream_s[k].append((middle - start) / per_round)
             forecast_s[k].append(end - middle)
             spent += end - start
         rounds += 1
     return [
         {
-            "stream_step_ms": statistics.median(s) * 1e3,
+            "stream_step_ms": statistics.median(s) * 1e3 if streams else None,
             "forecast_seq_per_s": batch / statistics.median(f),
             "rounds": len(s),
         }
@@ -471,7 +477,6 @@ def main(argv=None) -> dict:
         report["winograd_tile_transforms"] = tiles
         print(f"Winograd tile transforms: {tiles}")
 
-    model_cfg = from_name(args.preset)
     digits, _ = load_mnist("train", args.mnist_dir)
     spec = MovingMNISTSpec(num_frames=20)
     for batch in args.batch_sizes:
@@ -513,7 +518,7 @@ def main(argv=None) -> dict:
             save()
         del batches
     report["forecast_batch"] = min(args.batch_sizes)
-    if model_cfg.architecture == "stacked" and inference:
+    if inference:
         resolved = [resolve_variant(variant, device) for variant in inference]
         try:
             timed = time_inference(
@@ -593,7 +598,8 @@ def _infer_line(e: dict[str, Any]) -> str:
     head = f"{e['variant']:<27} {e['precision']:<5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
-    return f"{head} {e['stream_step_ms']:12.3f} {_figures(e['forecast_seq_per_s'], 14)}"
+    stream = "-" if e["stream_step_ms"] is None else f"{e['stream_step_ms']:.3f}"
+    return f"{head} {stream:>12} {_figures(e['forecast_seq_per_s'], 14)}"
 
 
 def _print_table(report: dict[str, Any]) -> None:

@@ -591,6 +591,23 @@ def test_benchmark_interleaved_run_reports_every_variant(tmp_path, mnist_dir, mo
         assert entry["rounds"] == inference[0]["rounds"] >= 3
 
 
+def test_benchmark_runs_an_encoder_forecaster(tmp_path, mnist_dir, monkeypatch):
+    """Its loss leaves out the context (it predicts nothing while reading) and it has no
+    streaming step: training and forecasts are timed, streaming is not."""
+    monkeypatch.setattr(benchmark, "time", TickingClock())
+    argv = ["--device", "cpu", "--preset", "mmnist-encoder-forecaster", "--batch-sizes", "1"]
+    argv += ["--seconds", "0.2", "--variants", "eager-fp32", "fast-fp32"]
+    if mnist_dir:
+        argv += ["--mnist-dir", mnist_dir]
+    report = benchmark.main(argv)
+    assert [e["variant"] for e in report["training"]] == ["eager-fp32", "fast-fp32"]
+    assert all("error" not in e and e["train_seq_per_s"] > 0 for e in report["training"])
+    assert [e["variant"] for e in report["inference"]] == ["eager-fp32", "fast-fp32"]
+    for entry in report["inference"]:
+        assert entry["stream_step_ms"] is None and entry["forecast_seq_per_s"] > 0
+    assert " - " in benchmark._infer_line(report["inference"][0])
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
