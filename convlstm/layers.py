@@ -37,29 +37,42 @@ class ConvRNN(nn.Module):
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         check_video(x, "ConvRNN input")
-        cell = self.cell
-        b, t = x.shape[:2]
-        outputs = []
-        if self.hoist and t > 1 and hasattr(cell, "project_input") and cell.in_channels > 0:
-            zero_state = state is None
-            state = cell.prepare_state(x[:, 0], state)  # shape checks; zeros if None
-            weights = cell.split_weights()
-            # time-major, so that each step's slice is one dense block
-            frames = x.transpose(0, 1).flatten(0, 1)  # (T*B, C_in, H, W)
-            projected = cell.project_input(frames, weights).unflatten(0, (t, b))
-            # unbind, not projected[i]: its backward is one stack, where indexing's would
-            # write a zero-filled (T, B, ...) gradient per step and sum them
-            for from_x in projected.unbind(0):  # (B, gates * C_hid, H, W)
-                state = cell.run_step(cell.step_projected, from_x, state, weights, zero_state)
-                zero_state = False
-                outputs.append(state[0])
-            return stack_time(outputs), state
-        # one frame: squeeze, whose backward is a view, where unbind's would stack a copy
-        with sequence_scope([cell] if t > 1 else []):
-            for frame in x.unbind(1) if t > 1 else (x.squeeze(1),):
-                h, state = cell(frame, state)  # (B, C_hid, H, W)
-                outputs.append(h)
-        return stack_time(outputs), state  # (B, T, C_hid, H, W)
+        return run_cell(self.cell, x, state, self.hoist)
+
+
+def run_cell(
+    cell: nn.Module, x: Tensor | None, state: Any, hoist: bool, steps: int = 1
+) -> tuple[Tensor, Any]:
+    """`cell` over time: (outputs (B, T, C_hid, H, W), last state) for frames x (B, T, C, H,
+    W), or for `steps` steps of an input-less cell (x None). With `hoist`, for a cell that
+    has `project_input` and more than one frame, the input-to-state convolution runs once
+    over all frames (see ConvRNN)."""
+    t = steps if x is None else x.shape[1]
+    outputs = []
+    if hoist and x is not None and t > 1 and hasattr(cell, "project_input") and cell.in_channels:
+        b = x.shape[0]
+        zero_state = state is None
+        state = cell.prepare_state(x[:, 0], state)  # shape checks; zeros if None
+        weights = cell.split_weights()
+        # time-major, so that each step's slice is one dense block
+        frames = x.transpose(0, 1).flatten(0, 1)  # (T*B, C_in, H, W)
+        projected = cell.project_input(frames, weights).unflatten(0, (t, b))
+        # unbind, not projected[i]: its backward is one stack, where indexing's would
+        # write a zero-filled (T, B, ...) gradient per step and sum them
+        for from_x in projected.unbind(0):  # (B, gates * C_hid, H, W)
+            state = cell.run_step(cell.step_projected, from_x, state, weights, zero_state)
+            zero_state = False
+            outputs.append(state[0])
+        return stack_time(outputs), state
+    if x is None:
+        inputs = [None] * t
+    else:  # one frame: squeeze, whose backward is a view, where unbind's would stack a copy
+        inputs = x.unbind(1) if t > 1 else (x.squeeze(1),)
+    with sequence_scope([cell] if t > 1 else []):
+        for frame in inputs:
+            h, state = cell(frame, state)  # (B, C_hid, H, W)
+            outputs.append(h)
+    return stack_time(outputs), state  # (B, T, C_hid, H, W)
 
 
 def stack_time(frames: list[Tensor]) -> Tensor:

@@ -30,6 +30,7 @@ from convlstm.layers import (
     TemporalAttention,
     UpStage,
     patchify,
+    run_cell,
     unpatchify,
 )
 
@@ -165,6 +166,9 @@ class EncoderForecaster(Forecaster):
     """
 
     feeds_back = False  # the forecaster is not fed frames: scheduled sampling does not apply
+    # set by convlstm.speed.apply_speed: the forecaster runs layer by layer, its lower layers'
+    # input convolutions hoisted over all steps (the same function; see forecast)
+    hoist = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -267,6 +271,8 @@ class EncoderForecaster(Forecaster):
         if self.config.encoder_attention:
             pairs = zip(self.attention, state.memory, strict=True)
             keys_values = [attention.keys_values(memory) for attention, memory in pairs]
+        if self.hoist and horizon > 1:
+            return self._forecast_by_layer(states, horizon, keys_values)
         preds = []
         with sequence_scope(list(self.forecaster)):
             for _ in range(horizon):
@@ -278,6 +284,25 @@ class EncoderForecaster(Forecaster):
                     x = self.up[i](h)  # (B, C_{i-1}, h_{i-1}, w_{i-1})
                 preds.append(unpatchify(self.out_act(self.head(x)), self.patch))
         return torch.stack(preds, dim=1)  # (B, horizon, C, H, W)
+
+    def _forecast_by_layer(self, states: list, horizon: int, keys_values: list | None) -> Tensor:
+        """forecast's rollout with the loops turned round: each layer over every step, top
+        first. No layer reads a lower one, so this is the same function; but each lower
+        layer's inputs (the upsampled outputs of the layer above) are then known for every
+        step, so its input-to-state convolution runs once over all of them (hoisted, as in
+        the encoder), and the up-sampling stages and the head run once over all steps."""
+        x = None  # (B, horizon, C, h, w): what the layer above sends down
+        for i in reversed(range(len(self.forecaster))):
+            out, states[i] = run_cell(self.forecaster[i], x, states[i], True, steps=horizon)
+            if keys_values is not None:
+                steps = [self.attention[i](h, *keys_values[i]) for h in out.unbind(1)]
+                out = torch.stack(steps, dim=1)
+            b = out.shape[0]
+            up = self.up[i](out.transpose(0, 1).flatten(0, 1))  # time-major (T*B, ...)
+            x = up.unflatten(0, (horizon, b)).transpose(0, 1)
+        grid = self.out_act(self.head(x.transpose(0, 1).flatten(0, 1)))
+        frames = unpatchify(grid, self.patch).unflatten(0, (horizon, b))
+        return frames.transpose(0, 1).contiguous()  # (B, horizon, C, H, W)
 
 
 MODELS: dict[str, type[Forecaster]] = {

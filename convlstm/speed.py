@@ -6,8 +6,10 @@
 
 What each option does (see the benchmark, experiments/benchmark.py, for what each buys):
 - hoist: each recurrent layer's input-to-state convolution runs once over all the frames it
-  knows (the context; the layer below's outputs when the stack runs layer by layer) and each
-  step adds only the state-to-state convolution; the first step from a zero state skips it.
+  knows (the context; the layer below's outputs when the stack runs layer by layer; in an
+  encoder-forecaster's forecaster, which then runs layer by layer, top first, the layer
+  above's) and each step adds only the state-to-state convolution; the first step from a
+  zero state skips it.
 - fused_gates: the ConvLSTM gate arithmetic (3 sigmoids, 2 tanh, products and sums) as one
   compiled kernel forward and one backward (with a hand-written backward, convlstm.gates),
   instead of about ten kernels each.
@@ -74,6 +76,7 @@ from convlstm.errors import ConfigError, ShapeError
 from convlstm.evaluation import autocast
 from convlstm.gates import fused_lstm_update, native_lstm_update
 from convlstm.layers import ConvRNN
+from convlstm.models import EncoderForecaster
 
 # the cells whose 3x3 and 5x5 convolutions can run by Winograd (the `winograd` option)
 WINOGRAD_CELLS = (ConvLSTMCell, ConvGRUCell, ConvRNNCell)
@@ -238,7 +241,7 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
     if options.native_gates:
         fused = native_lstm_update()  # None without a C compiler: the eager update then
     for module in model.modules():
-        if isinstance(module, ConvRNN):
+        if isinstance(module, (ConvRNN, EncoderForecaster)):
             module.hoist = options.hoist
         if isinstance(module, RecurrentCell):
             module.checkpointing = options.checkpointing

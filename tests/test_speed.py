@@ -127,6 +127,63 @@ def test_fast_path_equals_eager_in_float32_for_the_encoder_forecaster():
         torch.testing.assert_close(g_fast, g_eager, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(encoder_attention=True, attention_channels=3),
+        dict(bidirectional=True),
+        dict(cell="convgru"),
+        dict(cell="trajgru", trajgru_links=2),  # no project_input: per step, layer by layer
+        dict(stage_strides=(1, 2, 2), hidden_channels=(4, 5, 6), patch_size=1),
+    ],
+    ids=["convlstm", "attention", "bidirectional", "convgru", "trajgru", "three-layers"],
+)
+@pytest.mark.parametrize("options", [SpeedOptions(hoist=True), ALL_CPU], ids=["hoist", "all"])
+def test_the_forecaster_run_layer_by_layer_equals_the_per_step_rollout(overrides, options):
+    """An encoder-forecaster's forecaster, hoisted, runs each layer over every step (top
+    first): the same outputs and gradients as the per-step rollout, in float64."""
+    config = ModelConfig(
+        **{
+            "architecture": "encoder_forecaster",
+            "hidden_channels": (4, 5),
+            "kernel_size": 3,
+            "patch_size": 2,
+            "stage_strides": (1, 2),
+        }
+        | overrides
+    )
+    assert_fast_equals_eager(config, options)
+
+
+def test_the_hoisted_forecaster_projects_each_layers_inputs_once():
+    """Guard against a flag that does nothing: the lower forecaster layer's input convolution
+    runs once over the horizon, the up-sampling stages once per layer, the head once."""
+    config = ModelConfig(
+        architecture="encoder_forecaster",
+        hidden_channels=(4, 5),
+        patch_size=2,
+        stage_strides=(1, 2),
+    )
+    model = apply_speed(build_model(config), SpeedOptions(hoist=True))
+    calls = {"project": 0, "up": 0, "head": 0}
+    lower = model.forecaster[0]
+    project = lower.project_input
+
+    def counting(*args):
+        calls["project"] += 1
+        return project(*args)
+
+    lower.project_input = counting
+    model.up[1].register_forward_hook(lambda *_: calls.__setitem__("up", calls["up"] + 1))
+    model.head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))
+    model(torch.rand(2, 3, 1, 8, 8), 6)
+    assert calls == {"project": 1, "up": 1, "head": 1}
+    apply_speed(model, SpeedOptions())
+    model(torch.rand(2, 3, 1, 8, 8), 6)
+    assert calls == {"project": 1, "up": 7, "head": 7}
+
+
 def test_hoisting_really_changes_the_computation():
     """Guard against a flag that does nothing: the hoisted layer calls project_input once
     for the whole sequence and the per-step convolution never."""
