@@ -31,6 +31,7 @@ from convlstm.layers import (
     UpStage,
     patchify,
     run_cell,
+    stack_time,
     unpatchify,
 )
 
@@ -167,8 +168,11 @@ class EncoderForecaster(Forecaster):
 
     feeds_back = False  # the forecaster is not fed frames: scheduled sampling does not apply
     # set by convlstm.speed.apply_speed: the forecaster runs layer by layer, its lower layers'
-    # input convolutions hoisted over all steps (the same function; see forecast)
+    # input convolutions hoisted over all steps (the same function; see _forecast_by_layer),
+    # except with checkpointing (whose memory it would spend); without grad, in windows of
+    # NO_GRAD_WINDOW steps (less memory: no backward needs the activations)
     hoist = False
+    NO_GRAD_WINDOW = 10
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -260,7 +264,8 @@ class EncoderForecaster(Forecaster):
         targets: Tensor | None = None,
         teacher_mask: Tensor | None = None,
     ) -> Tensor:
-        """Roll out `horizon` frames (B, horizon, C, H, W) from the encoder's states."""
+        """Roll out `horizon` frames (B, horizon, C, H, W) from the encoder's states: step by
+        step through the layers, or with `hoist` layer by layer (_forecast_by_layer)."""
         self._check_horizon(horizon)
         if teacher_mask is not None:
             raise ShapeError(
@@ -271,8 +276,15 @@ class EncoderForecaster(Forecaster):
         if self.config.encoder_attention:
             pairs = zip(self.attention, state.memory, strict=True)
             keys_values = [attention.keys_values(memory) for attention, memory in pairs]
-        if self.hoist and horizon > 1:
-            return self._forecast_by_layer(states, horizon, keys_values)
+        checkpointing = any(getattr(cell, "checkpointing", False) for cell in self.forecaster)
+        if self.hoist and horizon > 1 and not checkpointing:
+            # without grad in windows of steps: a window's activations are alive at once
+            window = horizon if torch.is_grad_enabled() else self.NO_GRAD_WINDOW
+            parts = []
+            for start in range(0, horizon, window):
+                steps = min(window, horizon - start)
+                parts.append(self._forecast_by_layer(states, steps, keys_values))
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         preds = []
         with sequence_scope(list(self.forecaster)):
             for _ in range(horizon):
@@ -285,24 +297,26 @@ class EncoderForecaster(Forecaster):
                 preds.append(unpatchify(self.out_act(self.head(x)), self.patch))
         return torch.stack(preds, dim=1)  # (B, horizon, C, H, W)
 
-    def _forecast_by_layer(self, states: list, horizon: int, keys_values: list | None) -> Tensor:
-        """forecast's rollout with the loops turned round: each layer over every step, top
-        first. No layer reads a lower one, so this is the same function; but each lower
-        layer's inputs (the upsampled outputs of the layer above) are then known for every
-        step, so its input-to-state convolution runs once over all of them (hoisted, as in
-        the encoder), and the up-sampling stages and the head run once over all steps."""
-        x = None  # (B, horizon, C, h, w): what the layer above sends down
+    def _forecast_by_layer(self, states: list, steps: int, keys_values: list | None) -> Tensor:
+        """`steps` steps of forecast's rollout with the loops turned round: each layer over
+        every step, top first; `states` (one per layer) are advanced in place. No layer reads
+        a lower one, so this is the same function; but each lower layer's inputs (the
+        upsampled outputs of the layer above) are then known for every step, so its
+        input-to-state convolution runs once over all of them (hoisted, as in the encoder),
+        and the up-sampling stages and the head run once over all steps. The cost: a whole
+        layer's activations over the steps are alive at once, not one step's."""
+        x = None  # (B, steps, C, h, w): what the layer above sends down
         for i in reversed(range(len(self.forecaster))):
-            out, states[i] = run_cell(self.forecaster[i], x, states[i], True, steps=horizon)
+            out, states[i] = run_cell(self.forecaster[i], x, states[i], True, steps=steps)
             if keys_values is not None:
-                steps = [self.attention[i](h, *keys_values[i]) for h in out.unbind(1)]
-                out = torch.stack(steps, dim=1)
+                out = stack_time([self.attention[i](h, *keys_values[i]) for h in out.unbind(1)])
             b = out.shape[0]
             up = self.up[i](out.transpose(0, 1).flatten(0, 1))  # time-major (T*B, ...)
-            x = up.unflatten(0, (horizon, b)).transpose(0, 1)
+            x = up.unflatten(0, (steps, b)).transpose(0, 1)
+            del out, up
         grid = self.out_act(self.head(x.transpose(0, 1).flatten(0, 1)))
-        frames = unpatchify(grid, self.patch).unflatten(0, (horizon, b))
-        return frames.transpose(0, 1).contiguous()  # (B, horizon, C, H, W)
+        frames = unpatchify(grid, self.patch).unflatten(0, (steps, b))
+        return frames.transpose(0, 1).contiguous()  # (B, steps, C, H, W)
 
 
 MODELS: dict[str, type[Forecaster]] = {

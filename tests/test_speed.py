@@ -135,9 +135,24 @@ def test_fast_path_equals_eager_in_float32_for_the_encoder_forecaster():
         dict(bidirectional=True),
         dict(cell="convgru"),
         dict(cell="trajgru", trajgru_links=2),  # no project_input: per step, layer by layer
+        dict(cell="sa_convlstm", attention_channels=2),  # the same, with a third state
+        dict(cell="peephole_convlstm"),
+        dict(norm="group"),
+        dict(cell="convrnn"),
         dict(stage_strides=(1, 2, 2), hidden_channels=(4, 5, 6), patch_size=1),
     ],
-    ids=["convlstm", "attention", "bidirectional", "convgru", "trajgru", "three-layers"],
+    ids=[
+        "convlstm",
+        "attention",
+        "bidirectional",
+        "convgru",
+        "trajgru",
+        "sa",
+        "peephole",
+        "group-norm",
+        "rnn",
+        "three-layers",
+    ],
 )
 @pytest.mark.parametrize("options", [SpeedOptions(hoist=True), ALL_CPU], ids=["hoist", "all"])
 def test_the_forecaster_run_layer_by_layer_equals_the_per_step_rollout(overrides, options):
@@ -154,6 +169,27 @@ def test_the_forecaster_run_layer_by_layer_equals_the_per_step_rollout(overrides
         | overrides
     )
     assert_fast_equals_eager(config, options)
+
+
+@pytest.mark.parametrize("window", [2, 3, 10])
+def test_without_grad_the_forecaster_runs_by_layer_in_windows(monkeypatch, window):
+    """Without grad (evaluation) the layer-by-layer rollout goes window by window (less
+    memory), the states carried across: the same forecast as step by step."""
+    from convlstm.models import EncoderForecaster
+
+    monkeypatch.setattr(EncoderForecaster, "NO_GRAD_WINDOW", window)
+    config = ModelConfig(
+        architecture="encoder_forecaster",
+        hidden_channels=(4, 5),
+        patch_size=2,
+        stage_strides=(1, 2),
+        encoder_attention=True,
+        attention_channels=3,
+    )
+    eager, fast = _pair(config, ALL_CPU)
+    context = torch.rand(2, 3, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(context, 7), eager(context, 7), rtol=1e-12, atol=1e-12)
 
 
 def test_the_hoisted_forecaster_projects_each_layers_inputs_once():
@@ -182,6 +218,10 @@ def test_the_hoisted_forecaster_projects_each_layers_inputs_once():
     apply_speed(model, SpeedOptions())
     model(torch.rand(2, 3, 1, 8, 8), 6)
     assert calls == {"project": 1, "up": 7, "head": 7}
+    # checkpointing keeps the per-step rollout, whose memory it exists to save
+    apply_speed(model, SpeedOptions(hoist=True, checkpointing=True))
+    model(torch.rand(2, 3, 1, 8, 8), 6)
+    assert calls == {"project": 1, "up": 13, "head": 13}
 
 
 def test_hoisting_really_changes_the_computation():
