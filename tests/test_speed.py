@@ -154,7 +154,14 @@ def test_fast_path_equals_eager_in_float32_for_the_encoder_forecaster():
         "three-layers",
     ],
 )
-@pytest.mark.parametrize("options", [SpeedOptions(hoist=True), ALL_CPU], ids=["hoist", "all"])
+# the forecaster runs layer by layer with hoist, except with checkpointing (ALL_CPU's)
+BY_LAYER = [
+    SpeedOptions(hoist=True),
+    SpeedOptions(hoist=True, channels_last=True, winograd=True, native_gates=True),
+]
+
+
+@pytest.mark.parametrize("options", BY_LAYER, ids=["hoist", "winograd-c-gates-channels-last"])
 def test_the_forecaster_run_layer_by_layer_equals_the_per_step_rollout(overrides, options):
     """An encoder-forecaster's forecaster, hoisted, runs each layer over every step (top
     first): the same outputs and gradients as the per-step rollout, in float64."""
@@ -186,7 +193,7 @@ def test_without_grad_the_forecaster_runs_by_layer_in_windows(monkeypatch, windo
         encoder_attention=True,
         attention_channels=3,
     )
-    eager, fast = _pair(config, ALL_CPU)
+    eager, fast = _pair(config, BY_LAYER[1])
     context = torch.rand(2, 3, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fast(context, 7), eager(context, 7), rtol=1e-12, atol=1e-12)
