@@ -127,6 +127,13 @@ def test_fast_path_equals_eager_in_float32_for_the_encoder_forecaster():
         torch.testing.assert_close(g_fast, g_eager, rtol=1e-4, atol=1e-6)
 
 
+# the forecaster runs layer by layer with hoist, except with checkpointing (ALL_CPU's)
+BY_LAYER = [
+    SpeedOptions(hoist=True),
+    SpeedOptions(hoist=True, channels_last=True, winograd=True, native_gates=True),
+]
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -154,13 +161,6 @@ def test_fast_path_equals_eager_in_float32_for_the_encoder_forecaster():
         "three-layers",
     ],
 )
-# the forecaster runs layer by layer with hoist, except with checkpointing (ALL_CPU's)
-BY_LAYER = [
-    SpeedOptions(hoist=True),
-    SpeedOptions(hoist=True, channels_last=True, winograd=True, native_gates=True),
-]
-
-
 @pytest.mark.parametrize("options", BY_LAYER, ids=["hoist", "winograd-c-gates-channels-last"])
 def test_the_forecaster_run_layer_by_layer_equals_the_per_step_rollout(overrides, options):
     """An encoder-forecaster's forecaster, hoisted, runs each layer over every step (top
