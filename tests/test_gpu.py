@@ -159,3 +159,32 @@ def test_device_generator_equals_the_cpu_stream(mnist_dir):
     batch = DeviceMovingMNIST(digits, device).batch(7, range(100, 164))
     assert batch.device.type == "cuda"
     assert torch.equal(batch.cpu(), generate_batch(digits, 7, range(100, 164)))
+
+
+def test_encoder_forecaster_fast_path_equals_eager_on_cuda(monkeypatch):
+    """The CUDA fast path's options on an encoder-forecaster (its forecaster layer by layer,
+    compiled gates, channels-last) against eager, fp32 without TF32: outputs and gradients."""
+    from convlstm.config import ModelConfig
+    from convlstm.models import build_model
+    from convlstm.speed import apply_speed
+
+    device = cuda_or_skip()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    config = ModelConfig(
+        architecture="encoder_forecaster", hidden_channels=(8, 12), stage_strides=(1, 2)
+    )
+    torch.manual_seed(0)
+    eager = build_model(config).to(device)
+    fast = build_model(config).to(device)
+    fast.load_state_dict(eager.state_dict())
+    apply_speed(fast, SpeedOptions.for_path("fast", device))
+    assert fast.hoist
+    context = torch.rand(2, 4, 1, 32, 32, device=device)
+    results = []
+    for model in (eager, fast):
+        out = model(context, 5)
+        out.square().mean().backward()
+        results.append((out, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    for g_fast, g_eager in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(g_fast, g_eager, rtol=1e-3, atol=1e-5)
