@@ -1,0 +1,44 @@
+"""experiments/gpu_check.sh, the one-call GPU check, tried on the CPU: its settings, summary and
+exit status (the GPU parts themselves run on a lent GPU machine)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "gpu_check.sh"
+
+
+def _run(tmp_path, **settings):
+    env = dict(os.environ)
+    env.update(OUT=str(tmp_path / "out"), DEVICE="cpu", PRESET="mmnist-cpu-small")
+    env.update(PYTHON=sys.executable, MNIST_DIR=str(tmp_path / "no-mnist"), **settings)
+    return subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_an_unknown_part_is_refused_before_anything_runs(tmp_path):
+    run = _run(tmp_path, PARTS="benchmark bench")
+    assert run.returncode == 2
+    assert "PARTS: unknown part bench" in run.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_part_runs_and_is_summed_up(tmp_path):
+    run = _run(tmp_path, PARTS="memory-traffic")
+    out = tmp_path / "out"
+    assert run.returncode == 0, run.stdout + run.stderr
+    machine = (out / "machine.txt").read_text()
+    assert "imports: ok" in machine and "embedded digits" in machine
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert len(summary) == 1 and summary[0].startswith("memory-traffic rc=0 ")
+    assert "total" in (out / "memory-traffic.log").read_text()
+    assert not (out / "benchmark.log").exists()  # only the parts asked for
+
+
+def test_a_failing_part_fails_the_check(tmp_path):
+    run = _run(tmp_path, PARTS="memory-traffic", PRESET="no-such-preset")
+    assert run.returncode == 1
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "memory-traffic rc=2" in summary
