@@ -71,7 +71,7 @@ part() { # part NAME LIMIT_S COMMAND...: run it, log it, note its status and tim
 cat "$out/machine.txt"
 
 if [[ "$device" == cuda* ]]; then
-    part pytest-gpu 80 "$python" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+    part pytest-gpu 100 "$python" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
 fi
 training=(eager-bf16 fast fast-no-hoist fast-with-batched-wgrad fast-no-hoist-batched-wgrad)
 inference=(eager-bf16 fast fast-no-fused-gates fast-no-graph)
@@ -79,7 +79,7 @@ if [[ "$device" != cuda* ]]; then training=(eager-fp32 fast) inference=(eager-fp
 # (session 5's H100 measured the other variants: eager fp32, without the graph, without
 # compiled gates, checkpointing; its fast path forecast slower than eager, 870 against 1,161
 # sequences/s at batch 16, hence the inference variants)
-part benchmark 230 "$python" -m experiments.benchmark --device "$device" --preset "$preset" \
+part benchmark 220 "$python" -m experiments.benchmark --device "$device" --preset "$preset" \
     --seconds "$seconds" "${data[@]}" --out "$out/benchmark.json" \
     --variants "${training[@]}" --inference-variants "${inference[@]}"
 # shellcheck disable=SC2086  # TRAIN_FLAGS: several flags
@@ -89,7 +89,7 @@ part budget-run $((budget + 80)) "$python" -m experiments.moving_mnist --preset 
 cp "$tmp"/budget-run/metrics.json "$tmp"/budget-run/log.jsonl "$tmp"/budget-run/forecast.gif \
     "$out"/ 2>/dev/null
 rm -rf "$tmp"
-part memory-traffic 40 "$python" -m experiments.memory_traffic --device "$device" \
+part memory-traffic 30 "$python" -m experiments.memory_traffic --device "$device" \
     --preset "$preset" --variant fast --batch 64
 [ -f "$out/benchmark.log" ] && tail -n 30 "$out/benchmark.log"
 cat "$out/summary.txt"
