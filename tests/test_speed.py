@@ -508,6 +508,26 @@ def test_streaming_predictor_equals_model_step():
         StreamingPredictor(model, (2, 1, 8, 8), graph=True)
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_fast_streaming_predictor_takes_the_fast_paths_options_and_precision(monkeypatch, amx):
+    """StreamingPredictor.fast: bf16 from packed weights on a CPU with AMX-BF16 units, float32
+    with Winograd elsewhere; its predictions are model.step's under the same options and
+    autocast."""
+    monkeypatch.setattr(training, "cpu_bf16_units", lambda: amx)
+    config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2)
+    model = build_model(config)
+    stream = StreamingPredictor.fast(model, (2, 1, 8, 8))
+    cell = model.layers[0].cell
+    assert stream.dtype == (torch.bfloat16 if amx else None) and not stream.graph_mode
+    assert cell.packed == amx and cell.winograd == (not amx) and model.layers[0].hoist
+    frames, state = torch.rand(4, 2, 1, 8, 8), None
+    with torch.no_grad():
+        for frame in frames:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amx):
+                state = model.step(frame, state)
+            torch.testing.assert_close(stream(frame), state.prediction)
+
+
 def test_fit_to_budget_keeps_the_shares_of_the_schedules():
     cfg = build(TrainConfig, dict(steps=1000, ss_decay_steps=400, warmup_steps=100))
     fitted = fit_to_budget(cfg, 250)
