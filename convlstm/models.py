@@ -169,8 +169,8 @@ class EncoderForecaster(Forecaster):
     feeds_back = False  # the forecaster is not fed frames: scheduled sampling does not apply
     # set by convlstm.speed.apply_speed: the forecaster runs layer by layer, its lower layers'
     # input convolutions hoisted over all steps (the same function; see _forecast_by_layer),
-    # except with checkpointing (whose memory it would spend); without grad, in windows of
-    # NO_GRAD_WINDOW steps (less memory: no backward needs the activations)
+    # except in training with checkpointing (whose memory it would spend); without grad, in
+    # windows of NO_GRAD_WINDOW steps (less memory: no backward needs the activations)
     hoist = False
     NO_GRAD_WINDOW = 10
 
@@ -276,7 +276,9 @@ class EncoderForecaster(Forecaster):
         if self.config.encoder_attention:
             pairs = zip(self.attention, state.memory, strict=True)
             keys_values = [attention.keys_values(memory) for attention, memory in pairs]
-        checkpointing = any(getattr(cell, "checkpointing", False) for cell in self.forecaster)
+        checkpointing = torch.is_grad_enabled() and any(  # (it acts under grad only)
+            getattr(cell, "checkpointing", False) for cell in self.forecaster
+        )
         if self.hoist and horizon > 1 and not checkpointing:
             # without grad in windows of steps: a window's activations are alive at once
             window = horizon if torch.is_grad_enabled() else self.NO_GRAD_WINDOW

@@ -347,7 +347,8 @@ class StreamingPredictor:
         self.graph_mode = self.device.type == "cuda" if graph is None else graph
         if self.graph_mode and self.device.type != "cuda":
             raise ConfigError("a CUDA graph needs the model on a CUDA device")
-        self.frame = torch.zeros(frame_shape, device=self.device)
+        dtype = next(model.parameters()).dtype  # (a float64 model streams float64 frames)
+        self.frame = torch.zeros(frame_shape, device=self.device, dtype=dtype)
         with torch.no_grad():
             first = self._step(self.frame, None)  # the state's structure, from zeros
         if not isinstance(getattr(first, "prediction", None), Tensor):
@@ -374,15 +375,27 @@ class StreamingPredictor:
     def fast(
         cls, model: nn.Module, frame_shape: tuple[int, int, int, int], *, graph: bool | None = None
     ) -> StreamingPredictor:
-        """The fastest streaming this machine runs: `model` switched (in place) to the fast
+        """The fastest streaming this machine runs: `model` switched (in place: its layout,
+        eval mode and speed options change, its checkpointing setting is kept) to the fast
         path's options for its device, stepped in the precision the fast path trains in
-        there ("auto": bf16 on CUDA and on a CPU with AMX-BF16 units, where it streamed
-        ConvLSTM-S 5x faster than eager float32; float32 elsewhere, with Winograd)."""
+        there: "auto", bf16 on CUDA and on a CPU with AMX-BF16 units (ConvLSTM-S streamed
+        4.5-5.1x faster than eager float32 there), float32 with Winograd on other CPUs. A
+        float64 model stays in float64 (no autocast)."""
         from convlstm.training import resolve_precision  # (training imports this module)
 
+        if not getattr(model, "feeds_back", False):
+            raise ConfigError("StreamingPredictor needs a model that predicts every next frame")
         device = next(model.parameters()).device
-        amp_dtype, _ = resolve_precision("auto", device, path="fast")
-        apply_speed(model, SpeedOptions.for_path("fast", device, amp_dtype=amp_dtype))
+        if graph and device.type != "cuda":
+            raise ConfigError("a CUDA graph needs the model on a CUDA device")
+        amp_dtype = None
+        if next(model.parameters()).dtype == torch.float32:
+            amp_dtype, _ = resolve_precision("auto", device, path="fast")
+        checkpointing = any(
+            getattr(m, "checkpointing", False) for m in model.modules() if m is not model
+        )
+        options = SpeedOptions.for_path("fast", device, checkpointing, amp_dtype=amp_dtype)
+        apply_speed(model, options)
         return cls(model, frame_shape, autocast_dtype=amp_dtype, graph=graph)
 
     def _step(self, frame: Tensor, state):

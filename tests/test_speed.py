@@ -194,9 +194,12 @@ def test_without_grad_the_forecaster_runs_by_layer_in_windows(monkeypatch, windo
         attention_channels=3,
     )
     eager, fast = _pair(config, BY_LAYER[1])
+    heads = []
+    fast.head.register_forward_hook(lambda *_: heads.append(1))
     context = torch.rand(2, 3, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fast(context, 7), eager(context, 7), rtol=1e-12, atol=1e-12)
+    assert len(heads) == -(-7 // window)  # one head call per window
 
 
 def test_the_hoisted_forecaster_projects_each_layers_inputs_once():
@@ -225,10 +228,15 @@ def test_the_hoisted_forecaster_projects_each_layers_inputs_once():
     apply_speed(model, SpeedOptions())
     model(torch.rand(2, 3, 1, 8, 8), 6)
     assert calls == {"project": 1, "up": 7, "head": 7}
-    # checkpointing keeps the per-step rollout, whose memory it exists to save
+    # checkpointing keeps the per-step rollout in training, whose memory it exists to save;
+    # without grad (where it does nothing) the forecaster goes layer by layer, in windows
     apply_speed(model, SpeedOptions(hoist=True, checkpointing=True))
     model(torch.rand(2, 3, 1, 8, 8), 6)
     assert calls == {"project": 1, "up": 13, "head": 13}
+    model.NO_GRAD_WINDOW = 4
+    with torch.no_grad():
+        model(torch.rand(2, 3, 1, 8, 8), 6)
+    assert calls == {"project": 3, "up": 15, "head": 15}
 
 
 def test_hoisting_really_changes_the_computation():
@@ -526,6 +534,35 @@ def test_the_fast_streaming_predictor_takes_the_fast_paths_options_and_precision
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amx):
                 state = model.step(frame, state)
             torch.testing.assert_close(stream(frame), state.prediction)
+
+
+def test_the_fast_streaming_predictor_checks_before_it_changes_the_model():
+    ef = build_model(ModelConfig(architecture="encoder_forecaster", hidden_channels=(4, 5)))
+    with pytest.raises(ConfigError, match="predicts every next frame"):
+        StreamingPredictor.fast(ef, (1, 1, 8, 8))
+    assert not ef.hoist  # untouched
+    model = build_model(ModelConfig(hidden_channels=(4,), kernel_size=3, patch_size=2))
+    with pytest.raises(ConfigError, match="CUDA graph needs"):
+        StreamingPredictor.fast(model, (1, 1, 8, 8), graph=True)
+    assert not model.layers[0].hoist
+    apply_speed(model, SpeedOptions(checkpointing=True))
+    StreamingPredictor.fast(model, (1, 1, 8, 8))
+    assert model.layers[0].cell.checkpointing and model.layers[0].hoist  # kept for training
+
+
+def test_a_float64_model_streams_in_float64():
+    model = build_model(ModelConfig(hidden_channels=(4,), kernel_size=3, patch_size=2)).double()
+    frames, state = torch.rand(3, 1, 1, 8, 8, dtype=torch.float64), None
+    for make in (StreamingPredictor, StreamingPredictor.fast):
+        stream = make(model, (1, 1, 8, 8))
+        assert stream.dtype is None
+        with torch.no_grad():
+            for frame in frames:
+                state = model.step(frame, state)
+                out = stream(frame)
+                assert out.dtype == torch.float64
+                torch.testing.assert_close(out, state.prediction, rtol=1e-12, atol=1e-12)
+        state = None
 
 
 def test_fit_to_budget_keeps_the_shares_of_the_schedules():
