@@ -109,6 +109,20 @@ def test_bf16_graphed_training_with_batched_weight_grads_lowers_the_loss(tmp_pat
     assert "cuda_graph" in result["speed"] and "batched_wgrad" in result["speed"]
 
 
+def test_bf16_graphed_training_of_an_encoder_forecaster_lowers_the_loss(tmp_path):
+    """Its forecaster runs layer by layer inside the CUDA graph (hoisted, compiled gates)."""
+    from convlstm.config import ModelConfig
+
+    config = ModelConfig(
+        architecture="encoder_forecaster",
+        hidden_channels=(6, 8),
+        patch_size=2,
+        stage_strides=(1, 2),
+    )
+    result = _bf16_fast_run(tmp_path, "bf16-ef", model_cfg=config, scheduled_sampling="none")
+    assert "cuda_graph" in result["speed"] and "hoist" in result["speed"]
+
+
 def test_compiled_gates_equal_eager_on_cuda():
     device = cuda_or_skip()
     from convlstm.cells.lstm import lstm_update

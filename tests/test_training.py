@@ -107,8 +107,8 @@ def test_evaluate_rebuilds_the_model_from_the_checkpoint_alone(tmp_path, mnist_d
         assert eager["model"]["mse_frame"] == pytest.approx(report["model"]["mse_frame"], rel=2e-2)
 
 
-def _train(tmp_path, name, batches=moving_squares, resume=None, **overrides):
-    model_cfg = ModelConfig(hidden_channels=(6,), kernel_size=3, patch_size=2)
+def _train(tmp_path, name, batches=moving_squares, resume=None, model_cfg=None, **overrides):
+    model_cfg = model_cfg or ModelConfig(hidden_channels=(6,), kernel_size=3, patch_size=2)
     values = dict(
         steps=6,
         batch_size=4,
