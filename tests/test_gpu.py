@@ -164,6 +164,29 @@ def test_streaming_graph_equals_eager_steps():
             torch.testing.assert_close(stream(frame), state.prediction, rtol=2e-3, atol=1e-4)
 
 
+def test_the_fast_streaming_predictor_on_cuda_follows_eager_steps():
+    """StreamingPredictor.fast on CUDA: bf16, compiled gates, channels-last, one graph per
+    frame; its predictions stay within bf16 rounding of the float32 eager steps."""
+    device = cuda_or_skip()
+    from convlstm.config import ModelConfig
+    from convlstm.models import build_model
+    from convlstm.speed import StreamingPredictor
+
+    torch.manual_seed(0)
+    eager = build_model(ModelConfig(hidden_channels=(8, 8), patch_size=4)).to(device).eval()
+    fast = build_model(ModelConfig(hidden_channels=(8, 8), patch_size=4)).to(device)
+    fast.load_state_dict(eager.state_dict())
+    stream = StreamingPredictor.fast(fast, (2, 1, 16, 16))
+    assert stream.graph_mode and stream.dtype == torch.bfloat16 and fast.layers[0].hoist
+    state = None
+    with torch.no_grad():
+        for frame in torch.rand(6, 2, 1, 16, 16, device=device):
+            state = eager.step(frame, state)
+            torch.testing.assert_close(
+                stream(frame).float(), state.prediction, rtol=0.05, atol=0.02
+            )
+
+
 def test_device_generator_equals_the_cpu_stream(mnist_dir):
     device = cuda_or_skip()
     from datasets.mnist import load_mnist
