@@ -337,16 +337,10 @@ class StreamingPredictor:
         autocast_dtype: torch.dtype | None = None,
         graph: bool | None = None,
     ) -> None:
-        if not getattr(model, "feeds_back", False):
-            raise ConfigError("StreamingPredictor needs a model that predicts every next frame")
-        if len(frame_shape) != 4:
-            raise ShapeError(f"frame_shape must be (B, C, H, W), got {tuple(frame_shape)}")
+        self.device = self._checked(model, frame_shape, graph)
         self.model = model.eval()
-        self.device = next(model.parameters()).device
         self.dtype = autocast_dtype
         self.graph_mode = self.device.type == "cuda" if graph is None else graph
-        if self.graph_mode and self.device.type != "cuda":
-            raise ConfigError("a CUDA graph needs the model on a CUDA device")
         dtype = next(model.parameters()).dtype  # (a float64 model streams float64 frames)
         self.frame = torch.zeros(frame_shape, device=self.device, dtype=dtype)
         with torch.no_grad():
@@ -383,20 +377,28 @@ class StreamingPredictor:
         float64 model stays in float64 (no autocast)."""
         from convlstm.training import resolve_precision  # (training imports this module)
 
-        if not getattr(model, "feeds_back", False):
-            raise ConfigError("StreamingPredictor needs a model that predicts every next frame")
-        device = next(model.parameters()).device
-        if graph and device.type != "cuda":
-            raise ConfigError("a CUDA graph needs the model on a CUDA device")
+        device = cls._checked(model, frame_shape, graph)  # before the model is changed
         amp_dtype = None
         if next(model.parameters()).dtype == torch.float32:
             amp_dtype, _ = resolve_precision("auto", device, path="fast")
-        checkpointing = any(
-            getattr(m, "checkpointing", False) for m in model.modules() if m is not model
-        )
+        checkpointing = any(getattr(m, "checkpointing", False) for m in model.modules())
         options = SpeedOptions.for_path("fast", device, checkpointing, amp_dtype=amp_dtype)
         apply_speed(model, options)
         return cls(model, frame_shape, autocast_dtype=amp_dtype, graph=graph)
+
+    @staticmethod
+    def _checked(
+        model: nn.Module, frame_shape: tuple[int, ...], graph: bool | None
+    ) -> torch.device:
+        """The model's device, once the checks that need no step pass."""
+        if not getattr(model, "feeds_back", False):
+            raise ConfigError("StreamingPredictor needs a model that predicts every next frame")
+        if len(frame_shape) != 4:
+            raise ShapeError(f"frame_shape must be (B, C, H, W), got {tuple(frame_shape)}")
+        device = next(model.parameters()).device
+        if graph and device.type != "cuda":
+            raise ConfigError("a CUDA graph needs the model on a CUDA device")
+        return device
 
     def _step(self, frame: Tensor, state):
         with autocast(self.device, self.dtype, cache=not self.graph_mode):

@@ -343,11 +343,11 @@ def time_inference(
             with torch.no_grad(), autocast(device, amp_dtype):
                 model(context, 10)
 
-        for frame in frames[:5] if stream is not None else []:  # warm-up: kept transforms
-            stream(frame)  # and packs, lazy allocations
+        for frame in frames[: 5 if streams else 0]:  # warm-up: kept transforms and packs,
+            stream(frame)  # lazy allocations
         forecast()
         runs.append((stream, forecast))
-    per_round = 16  # streamed frames per variant and round
+    per_round = 16 if streams else 0  # streamed frames per variant and round
     stream_s: list[list[float]] = [[] for _ in runs]
     forecast_s: list[list[float]] = [[] for _ in runs]
     rounds, spent = 0, 0.0
@@ -357,14 +357,14 @@ def time_inference(
             stream, forecast = runs[k]
             sync(device)
             start = time.perf_counter()
-            for i in range(per_round if stream is not None else 0):
+            for i in range(per_round):
                 stream(frames[(rounds * per_round + i) % len(frames)])
             sync(device)
             middle = time.perf_counter()
             forecast()
             sync(device)
             end = time.perf_counter()
-            if stream is not None:
+            if streams:
                 stream_s[k].append((middle - start) / per_round)
             forecast_s[k].append(end - middle)
             spent += end - start
@@ -373,7 +373,7 @@ def time_inference(
         {
             "stream_step_ms": statistics.median(s) * 1e3 if streams else None,
             "forecast_seq_per_s": batch / statistics.median(f),
-            "rounds": len(s),
+            "rounds": len(f),
         }
         for s, f in zip(stream_s, forecast_s, strict=True)
     ]

@@ -766,6 +766,7 @@ def test_benchmark_runs_an_encoder_forecaster(tmp_path, mnist_dir, monkeypatch):
     assert [e["variant"] for e in report["inference"]] == ["eager-fp32", "fast-fp32"]
     for entry in report["inference"]:
         assert entry["stream_step_ms"] is None and entry["forecast_seq_per_s"] > 0
+        assert entry["rounds"] >= 3
     assert " - " in benchmark._infer_line(report["inference"][0])
 
 
