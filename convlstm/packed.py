@@ -182,6 +182,7 @@ class Conv2d(nn.Conv2d):
         if (
             self.packed
             and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
             and self.stride == (1, 1)
             and self.dilation == (1, 1)
             and self.groups == 1

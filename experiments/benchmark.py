@@ -39,7 +39,13 @@ from convlstm.config import PRESETS, ModelConfig, TrainConfig, build, from_name
 from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast
 from convlstm.models import MODELS, build_model
-from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed, cpu_bf16_units
+from convlstm.speed import (
+    SpeedOptions,
+    StreamingPredictor,
+    apply_speed,
+    compile_pays,
+    cpu_bf16_units,
+)
 from convlstm.training import (
     TrainStep,
     make_optimizer,
@@ -87,6 +93,10 @@ VARIANTS: dict[str, tuple[str, Options]] = {
     "fast-no-native-gates": ("auto", _fast(native_gates=False)),
     "fast-no-packed": ("auto", _fast(packed=False)),  # inference: F.conv2d at every step
     "fast-no-fused-optimizer": ("auto", _fast(fused_optimizer=False)),
+    # streaming: the step uncompiled where "fast" / "fast-fp32" compile it (StreamingPredictor
+    # .fast's rule, compile_pays: the CPU); their training is "fast" / "fast-fp32"'s
+    "fast-no-compile": ("auto", _fast()),
+    "fast-fp32-no-compile": ("fp32", _fast()),
     # the float32 CPU path's parts (Winograd and the C gate update run in float32)
     "fast-fp32-no-winograd": ("fp32", _fast(winograd=False)),
     "fast-fp32-no-native-gates": ("fp32", _fast(native_gates=False)),
@@ -123,8 +133,12 @@ DEFAULT_VARIANTS = {
         "fast-checkpointing",
     ],
 }
-# the variants whose inference is timed by default, where they are among those trained
+# the variants whose inference is timed by default, where they are among those trained (the
+# uncompiled ones beside "fast" and "fast-fp32")
 INFERENCE_VARIANTS = ("eager-fp32", "eager-bf16", "fast", "fast-no-packed", "fast-fp32")
+UNCOMPILED = {"fast": "fast-no-compile", "fast-fp32": "fast-fp32-no-compile"}
+# the variants whose streamed step is compiled where StreamingPredictor.fast compiles it
+COMPILED_STREAMS = set(UNCOMPILED)
 
 
 def default_variants(device: torch.device) -> list[str]:
@@ -317,26 +331,35 @@ def time_inference(
     device: torch.device,
     seconds: float,
     batch: int,
+    compiles: list[bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Streaming latency (one frame in, the next out, batch 1) and forecast rate (`batch`
     sequences: 10 context frames in, 10 frames out) of several variants (precision, options),
     timed in turn (the order reversed every round; medians), as interleaved training is.
-    Models that predict no next frame while reading (encoder-forecasters) time forecasts
-    only (stream_step_ms None)."""
+    `compiles`: per variant, whether its streamed step is compiled where StreamingPredictor
+    .fast would (compile_pays; reported as stream_compiled). Models that predict no next
+    frame while reading (encoder-forecasters) time forecasts only (stream_step_ms None)."""
     model_cfg = from_name(preset)
     streams = MODELS[model_cfg.architecture].feeds_back
     shape = (1, model_cfg.in_channels, 64, 64)
     frames = torch.rand(64, *shape, device=device)
     context = torch.rand(batch, 10, *shape[1:], device=device)
-    runs = []
-    for precision, options in variants:
+    runs, compiled = [], []
+    for (precision, options), compile in zip(
+        variants, compiles or [False] * len(variants), strict=True
+    ):
         torch.manual_seed(0)
         model = apply_speed(build_model(model_cfg).to(device), options).eval()
         amp_dtype, _ = resolve_precision(precision, device)
         stream = None
+        compiled.append(streams and compile and compile_pays(model, shape, amp_dtype))
         if streams:
             stream = StreamingPredictor(
-                model, shape, autocast_dtype=amp_dtype, graph=options.cuda_graph
+                model,
+                shape,
+                autocast_dtype=amp_dtype,
+                graph=options.cuda_graph,
+                compile=compiled[-1],
             )
 
         def forecast(model=model, amp_dtype=amp_dtype) -> None:
@@ -374,8 +397,9 @@ def time_inference(
             "stream_step_ms": statistics.median(s) * 1e3 if streams else None,
             "forecast_seq_per_s": batch / statistics.median(f),
             "rounds": len(f),
+            "stream_compiled": c,
         }
-        for s, f in zip(stream_s, forecast_s, strict=True)
+        for s, f, c in zip(stream_s, forecast_s, compiled, strict=True)
     ]
 
 
@@ -436,7 +460,12 @@ def main(argv=None) -> dict:
     if any(b < 1 for b in args.batch_sizes) or args.seconds <= 0:
         raise ConfigError("batch sizes and --seconds must be positive")
     variants = args.variants or default_variants(device)
-    inference = args.inference_variants or [v for v in INFERENCE_VARIANTS if v in variants]
+    # (with their uncompiled twins where the preset streams)
+    streams = MODELS[from_name(args.preset).architecture].feeds_back
+    twins = UNCOMPILED if streams else {}
+    inference = args.inference_variants or [
+        w for v in INFERENCE_VARIANTS if v in variants for w in (v, twins.get(v)) if w
+    ]
     for name in [*variants, *inference, *([args.profile] if args.profile else [])]:
         precision, options = resolve_variant(name, device)
         options.check(device)
@@ -520,9 +549,10 @@ def main(argv=None) -> dict:
     report["forecast_batch"] = min(args.batch_sizes)
     if inference:
         resolved = [resolve_variant(variant, device) for variant in inference]
+        compiles = [variant in COMPILED_STREAMS for variant in inference]
         try:
             timed = time_inference(
-                args.preset, resolved, device, args.seconds, min(args.batch_sizes)
+                args.preset, resolved, device, args.seconds, min(args.batch_sizes), compiles
             )
         except Exception as err:  # reported on every variant's line
             timed = [{"error": f"{type(err).__name__}: {err}"[:300]}] * len(inference)
@@ -599,7 +629,8 @@ def _infer_line(e: dict[str, Any]) -> str:
     if "error" in e:
         return f"{head}  failed: {e['error']}"
     stream = "-" if e["stream_step_ms"] is None else f"{e['stream_step_ms']:.3f}"
-    return f"{head} {stream:>12} {_figures(e['forecast_seq_per_s'], 14)}"
+    step = "compiled" if e.get("stream_compiled") else ""
+    return f"{head} {stream:>12} {_figures(e['forecast_seq_per_s'], 14)}  {step}"
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -627,7 +658,7 @@ def _print_table(report: dict[str, Any]) -> None:
     if report["inference"]:
         print(
             f"{'inference path':<27} {'prec':<5} {'stream ms/step':>12} "
-            f"{'forecast seq/s':>14} (batch 1 / {report['forecast_batch']})"
+            f"{'forecast seq/s':>14}  streamed step (batch 1 / {report['forecast_batch']})"
         )
         for entry in report["inference"]:
             print(_infer_line(entry))

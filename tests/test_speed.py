@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from convlstm import speed, training
+from convlstm import compiled, speed, training
 from convlstm.cells.base import with_input
 from convlstm.cells.lstm import lstm_update
 from convlstm.config import ModelConfig, TrainConfig, build
@@ -672,7 +672,11 @@ def test_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path, mnist_dir, cap
     for entry in saved["training"]:
         assert "error" not in entry and entry["train_seq_per_s"] > 0
         assert 0 < entry["peak_memory_gib"] < 1  # live tensors of one step: a few MB here
-    assert [e["variant"] for e in saved["inference"]] == ["eager-fp32", "fast"]
+    # "fast" streams as StreamingPredictor.fast would: a compiled step here (a 4-tile grid),
+    # with the uncompiled one beside it
+    inference = [(e["variant"], e["stream_compiled"]) for e in saved["inference"]]
+    compiles = compiled.available()
+    assert inference == [("eager-fp32", False), ("fast", compiles), ("fast-no-compile", False)]
     assert saved["generator_seq_per_s"] > 0
     assert "convolution" in saved["profile"]  # the kernel table of the profiled variant
     table = capsys.readouterr().out.split("\n\n")[-1]

@@ -88,8 +88,9 @@ class RecurrentCell(nn.Module):
         """Whether the convolutions run by Winograd now; `weight`: self.first_parameter(),
         where the caller has it already."""
         # Winograd's transforms lose too much in bf16 / fp16: under autocast the convolutions
-        # stay direct (and run in the autocast dtype, as asked)
-        if not self.winograd:
+        # stay direct (and run in the autocast dtype, as asked); nor is Winograd's C code
+        # traced by torch.compile (convlstm.compiled), which gets the plain convolution
+        if not self.winograd or torch.compiler.is_compiling():
             return False
         weight = self.first_parameter() if weight is None else weight
         return not torch.is_autocast_enabled(weight.device.type)
@@ -98,7 +99,7 @@ class RecurrentCell(nn.Module):
         """Whether the convolutions run from kept packs now (convlstm.packed): with `packed`,
         without autograd, where packs serve (the CPU, float32 or bf16); `weight`:
         self.first_parameter(), where the caller has it already."""
-        if not self.packed or torch.is_grad_enabled():
+        if not self.packed or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
         weight = self.first_parameter() if weight is None else weight
         return packed.serves(weight, weight)
@@ -180,14 +181,15 @@ def sequence_scope(cells) -> Iterator[None]:
     opened = []
     for cell in cells:
         if getattr(cell, "open_sequence", None) is not None and cell.sequence_conv is None:
-            cell.sequence_conv = cell.open_sequence()
-            if cell.sequence_conv is not None:
+            made = cell.open_sequence()
+            if made is not None:
+                cell.sequence_conv = made
                 opened.append(cell)
     try:
         yield
     finally:
-        for cell in opened:
-            cell.sequence_conv = None
+        for cell in opened:  # back to the class's None, not an instance attribute that a
+            del cell.sequence_conv  # compiled step (convlstm.compiled) would see as a change
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:

@@ -179,7 +179,8 @@ class ConvLSTMCell(RecurrentCell):
                 f"per-position peephole weights were built for a {self.grid_size[0]}x"
                 f"{self.grid_size[1]} grid, got {c.shape[-2]}x{c.shape[-1]}"
             )
-        if self.fused_update is not None:
+        # (torch.compile, convlstm.compiled, traces the plain update and fuses it itself)
+        if self.fused_update is not None and not torch.compiler.is_compiling():
             return self.fused_update(z, c, z_more)
         if self.peephole == "none" and self.norm.kind == "none":
             return lstm_update(z, c, z_more)
