@@ -56,6 +56,8 @@ class FrozenStep:
             )
         self.fn = fn
         self.weights = [*module.parameters(), *module.buffers()]
+        # oneDNN packs no float64 weights: a float64 module's convolutions stay ATen's
+        self.prepack = all(w.dtype != torch.float64 for w in self.weights)
         self.examples: list[tuple[Tensor, ...]] = []
         self._compile()
 
@@ -83,13 +85,14 @@ class FrozenStep:
         # module attribute changed, say), is frozen: an unfrozen one ran 2x slower.
         from torch._inductor import config
 
-        saved = config.freezing, config.cpp_wrapper
+        saved = config.freezing, config.cpp_wrapper, config.cpp.weight_prepack
         config.freezing = config.cpp_wrapper = True
+        config.cpp.weight_prepack = saved[2] and self.prepack
         try:
             with torch.no_grad():  # (freezing is for inference only)
                 return self.compiled(*args)
         finally:
-            config.freezing, config.cpp_wrapper = saved
+            config.freezing, config.cpp_wrapper, config.cpp.weight_prepack = saved
 
     def warm(self, *example: Tensor) -> tuple[Tensor, ...]:
         """Compile for arguments like `example` (shapes, strides, dtypes: other kinds compile

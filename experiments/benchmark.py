@@ -28,6 +28,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -335,7 +336,9 @@ def time_inference(
 ) -> list[dict[str, Any]]:
     """Streaming latency (one frame in, the next out, batch 1) and forecast rate (`batch`
     sequences: 10 context frames in, 10 frames out) of several variants (precision, options),
-    timed in turn (the order reversed every round; medians), as interleaved training is.
+    timed in turn (the order reversed every round; medians), as interleaved training is:
+    first the streams, then the forecasts (until session 14 each round of 16 streamed frames
+    was followed by a forecast, which left the frames' working set out of the caches).
     `compiles`: per variant, whether its streamed step is compiled where StreamingPredictor
     .fast would (compile_pays; reported as stream_compiled). Models that predict no next
     frame while reading (encoder-forecasters) time forecasts only (stream_step_ms None)."""
@@ -370,28 +373,21 @@ def time_inference(
             stream(frame)  # lazy allocations
         forecast()
         runs.append((stream, forecast))
-    per_round = 16 if streams else 0  # streamed frames per variant and round
+    # streaming first, then forecasts, each interleaved across the variants (a forecast
+    # between streamed frames would evict the frames' working set: not how one streams)
+    per_round = 16  # streamed frames per variant and round
+
+    def stream_round(stream: StreamingPredictor, round_: int) -> None:
+        for i in range(per_round):
+            stream(frames[(round_ * per_round + i) % len(frames)])
+
     stream_s: list[list[float]] = [[] for _ in runs]
-    forecast_s: list[list[float]] = [[] for _ in runs]
-    rounds, spent = 0, 0.0
-    while rounds < 3 or spent < seconds * len(runs):
-        order = range(len(runs)) if rounds % 2 == 0 else reversed(range(len(runs)))
-        for k in order:
-            stream, forecast = runs[k]
-            sync(device)
-            start = time.perf_counter()
-            for i in range(per_round):
-                stream(frames[(rounds * per_round + i) % len(frames)])
-            sync(device)
-            middle = time.perf_counter()
-            forecast()
-            sync(device)
-            end = time.perf_counter()
-            if streams:
-                stream_s[k].append((middle - start) / per_round)
-            forecast_s[k].append(end - middle)
-            spent += end - start
-        rounds += 1
+    if streams:
+        stream_s = _interleaved([partial(stream_round, s) for s, _ in runs], seconds / 2, device)
+        stream_s = [[t / per_round for t in times] for times in stream_s]
+    forecast_s = _interleaved(
+        [lambda _, f=f: f() for _, f in runs], seconds / 2 if streams else seconds, device
+    )
     return [
         {
             "stream_step_ms": statistics.median(s) * 1e3 if streams else None,
@@ -401,6 +397,25 @@ def time_inference(
         }
         for s, f, c in zip(stream_s, forecast_s, compiled, strict=True)
     ]
+
+
+def _interleaved(
+    tasks: list[Callable[[int], None]], seconds: float, device: torch.device
+) -> list[list[float]]:
+    """Each task's times over rounds (task(round) runs once a round; the order reversed every
+    round), at least 3 rounds and `seconds` per task in all."""
+    times: list[list[float]] = [[] for _ in tasks]
+    rounds, spent = 0, 0.0
+    while rounds < 3 or spent < seconds * len(tasks):
+        for k in range(len(tasks)) if rounds % 2 == 0 else reversed(range(len(tasks))):
+            sync(device)
+            start = time.perf_counter()
+            tasks[k](rounds)
+            sync(device)
+            times[k].append(time.perf_counter() - start)
+            spent += times[k][-1]
+        rounds += 1
+    return times
 
 
 def generator_rate(

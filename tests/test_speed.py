@@ -524,9 +524,10 @@ def test_the_fast_streaming_predictor_takes_the_fast_paths_options_and_precision
     monkeypatch.setattr(training, "cpu_bf16_units", lambda: amx)
     config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2)
     model = build_model(config)
-    stream = StreamingPredictor.fast(model, (2, 1, 8, 8))
+    stream = StreamingPredictor.fast(model, (2, 1, 8, 8), compile=False)  # (tests/test_compiled)
     cell = model.layers[0].cell
     assert stream.dtype == (torch.bfloat16 if amx else None) and not stream.graph_mode
+    assert stream.compiled is None
     assert cell.packed == amx and cell.winograd == (not amx) and model.layers[0].hoist
     frames, state = torch.rand(4, 2, 1, 8, 8), None
     with torch.no_grad():
@@ -546,7 +547,7 @@ def test_the_fast_streaming_predictor_checks_before_it_changes_the_model():
         StreamingPredictor.fast(model, (1, 1, 8, 8), graph=True)
     assert not model.layers[0].hoist
     apply_speed(model, SpeedOptions(checkpointing=True))
-    StreamingPredictor.fast(model, (1, 1, 8, 8))
+    StreamingPredictor.fast(model, (1, 1, 8, 8), compile=False)
     assert model.layers[0].cell.checkpointing and model.layers[0].hoist  # kept for training
 
 

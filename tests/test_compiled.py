@@ -1,0 +1,159 @@
+"""The streamed step compiled by Inductor with the weights frozen (convlstm.compiled,
+StreamingPredictor(compile=True)): the model's step, number for number in float64, for every
+cell whatever its speed options; recompiled when the weights change and only then; and
+StreamingPredictor.fast's choice of it. Each compilation takes a few seconds."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from convlstm import compiled, speed, training
+from convlstm.config import ModelConfig
+from convlstm.errors import ConfigError
+from convlstm.models import build_model
+from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed
+
+pytestmark = pytest.mark.skipif(not compiled.available(), reason="no C++ compiler for Inductor")
+
+CPU = torch.device("cpu")
+SMALL = ModelConfig(hidden_channels=(4, 3), kernel_size=3, patch_size=2)
+
+
+def _eager_steps(model, frames, amp_dtype=None):
+    """model.step's predictions over `frames`, from the zero state."""
+    state, out = None, []
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=amp_dtype is not None):
+        for frame in frames:
+            state = model.step(frame, state)
+            out.append(state.prediction)
+    return out
+
+
+def test_a_compiled_stream_is_the_models_step_in_float64():
+    torch.manual_seed(0)
+    model = build_model(SMALL).double()
+    frames = torch.rand(5, 2, 1, 8, 8, dtype=torch.float64)
+    stream = StreamingPredictor(model, (2, 1, 8, 8), compile=True)
+    assert stream.compiled is not None
+    expected = _eager_steps(model, frames)
+    for frame, want in zip(frames, expected, strict=True):
+        got = stream(frame)
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    config = torch._inductor.config  # set around each call only
+    assert not config.freezing and not config.cpp_wrapper and config.cpp.weight_prepack
+
+
+@pytest.mark.parametrize(
+    "cell", ["convlstm", "peephole_convlstm", "convgru", "trajgru", "sa_convlstm", "convrnn"]
+)
+def test_every_cell_compiles_whole_with_the_cpu_fast_paths_kernels_on(cell):
+    """Winograd, the C gate update and packed weights are set on the model, but what is
+    traced is the plain step (their C code would break the graph: fullgraph makes that an
+    error); the predictions stay the uncompiled float32 step's."""
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(SMALL, cell=cell))
+    fast = dataclasses.replace(SpeedOptions.for_path("fast", CPU), packed=True)
+    apply_speed(model, fast)
+    frames = torch.rand(4, 2, 1, 8, 8)
+    stream = StreamingPredictor(model, (2, 1, 8, 8), compile=True)
+    for frame, want in zip(frames, _eager_steps(model, frames), strict=True):
+        torch.testing.assert_close(stream(frame), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_bf16_fast_options_compile_to_the_uncompiled_bf16_step():
+    """Channels-last states, packs and the C gate update under bf16 autocast (the AMX CPU's
+    fast path): within bf16 rounding of the uncompiled step."""
+    torch.manual_seed(0)
+    model = build_model(SMALL)
+    apply_speed(model, SpeedOptions.for_path("fast", CPU, amp_dtype=torch.bfloat16))
+    frames = torch.rand(4, 2, 1, 8, 8)
+    stream = StreamingPredictor(model, (2, 1, 8, 8), autocast_dtype=torch.bfloat16, compile=True)
+    for frame, want in zip(frames, _eager_steps(model, frames, torch.bfloat16), strict=True):
+        got = stream(frame)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+
+
+def test_the_compiled_stream_follows_new_weights_and_compiles_only_for_them(monkeypatch):
+    """Frozen weights are constants: weights loaded in place compile the step again (once),
+    and nothing else does, not even a forecast run on the same model in between (whose
+    sequence scope once left an attribute behind that Dynamo's guards saw as a change)."""
+    torch.manual_seed(0)
+    model, other = build_model(SMALL), build_model(SMALL)
+    apply_speed(model, SpeedOptions.for_path("fast", CPU))  # hoisting: sequence scopes
+    compiles = []
+    real = compiled.FrozenStep._compile
+    monkeypatch.setattr(
+        compiled.FrozenStep, "_compile", lambda self: (compiles.append(1), real(self))[1]
+    )
+    frames = torch.rand(6, 2, 1, 8, 8)
+    stream = StreamingPredictor(model, (2, 1, 8, 8), compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for frame in frames[:2]:
+        stream(frame)
+    with torch.no_grad():
+        model(torch.rand(2, 3, 1, 8, 8), 3)  # a forecast: hoisted, in a sequence scope
+    assert not any("sequence_conv" in m.__dict__ for m in model.modules())
+    stream.reset()
+    for frame, want in zip(frames, _eager_steps(model, frames), strict=True):
+        torch.testing.assert_close(stream(frame), want, rtol=1e-5, atol=1e-6)
+    assert len(compiles) == 1 and counters["stats"]["unique_graphs"] == graphs
+
+    model.load_state_dict(other.state_dict())  # in place: the versions move
+    stream.reset()
+    for frame, want in zip(frames, _eager_steps(model, frames), strict=True):
+        torch.testing.assert_close(stream(frame), want, rtol=1e-5, atol=1e-6)
+    assert len(compiles) == 2
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_fast_compiles_where_it_paid(monkeypatch, amx):
+    """bf16 (a CPU with AMX-BF16 units) always; float32 where no convolution of the step runs
+    by Winograd (fewer than 8 tiles), which beat the compiled step where it runs; never for
+    float64 models, nor without a C++ compiler."""
+    monkeypatch.setattr(training, "cpu_bf16_units", lambda: amx)
+    amp = torch.bfloat16 if amx else None
+    small_grid = build_model(SMALL)  # 8x8 frames, patch 2: a 4x4 grid, 2 tiles at batch 2
+    stream = StreamingPredictor.fast(small_grid, (2, 1, 8, 8))
+    assert stream.compiled is not None and stream.dtype == amp
+    large_grid = build_model(SMALL)  # 32x32 frames: a 16x16 grid, 16 tiles
+    apply_speed(large_grid, SpeedOptions.for_path("fast", CPU, amp_dtype=amp))
+    assert speed.compile_pays(large_grid, (1, 1, 32, 32), amp) == amx
+    if not amx:
+        stream = StreamingPredictor.fast(large_grid, (1, 1, 32, 32))
+        assert stream.compiled is None and large_grid.layers[0].cell.winograd
+    assert not speed.compile_pays(build_model(SMALL).double(), (2, 1, 8, 8), None)
+    monkeypatch.setattr(compiled, "available", lambda: False)
+    assert not speed.compile_pays(small_grid, (2, 1, 8, 8), amp)
+
+
+def test_fast_streams_uncompiled_with_a_warning_when_the_compilation_fails(monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("fatal error: Python.h: No such file or directory\nmore")
+
+    monkeypatch.setattr(speed, "FrozenStep", failing)
+    model = build_model(SMALL)
+    with pytest.warns(UserWarning, match="compiling the streamed step failed.*Python.h"):
+        stream = StreamingPredictor.fast(model, (2, 1, 8, 8), graph=None)
+    assert stream.compiled is None
+    frames = torch.rand(3, 2, 1, 8, 8)
+    amp = stream.dtype
+    for frame, want in zip(frames, _eager_steps(model, frames, amp), strict=True):
+        torch.testing.assert_close(stream(frame), want)
+
+
+def test_compile_is_refused_off_the_cpu_and_without_a_compiler(monkeypatch):
+    model = build_model(SMALL)
+    with pytest.raises(ConfigError, match="compile is for the CPU, not for meta"):
+        StreamingPredictor(build_model(SMALL).to("meta"), (1, 1, 8, 8), compile=True)
+    monkeypatch.setattr(compiled, "available", lambda: False)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        StreamingPredictor(model, (1, 1, 8, 8), compile=True)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        StreamingPredictor.fast(model, (1, 1, 8, 8), compile=True)
+    assert not model.layers[0].hoist  # checked before the model was changed
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        compiled.FrozenStep(lambda x: (x,), model)
