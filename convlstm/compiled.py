@@ -12,19 +12,28 @@ ConvLSTM's streamed frame (2 x 64 channels, 3x3, an 8x8 grid, batch 1) took 0.39
 0.98 ms for the eager step in float32 and 0.72 ms for the C kernels from packed weights, both
 in bf16 (a 2-core Xeon with AMX-BF16); see the README for the whole measurement.
 
-Frozen constants do not follow the weights: each call checks the weights' version counters
-and storage (a few microseconds) and compiles again, with the same warm-up arguments, when one
-changed in place (optimizer steps, load_state_dict, copy_) or was replaced (.to). A change
-made through `.data` is not seen, as for convlstm.packed.kept_conv. Compiling takes seconds
-(Inductor keeps what it built in its on-disk cache, so the next process takes fewer).
+Frozen constants do not follow the weights: each call checks every parameter and buffer of
+the module as it is now (its storage and version counter: a few microseconds) and compiles
+again, with the same warm-up arguments, when one changed in place (optimizer steps,
+load_state_dict, copy_) or was replaced (.to, a new Parameter). A change made through `.data`
+is not seen, as for convlstm.packed.kept_conv. Compiling takes seconds (Inductor keeps what
+it built in its on-disk cache, so the next process takes fewer), and each compilation's
+frozen copy of the weights stays loaded for the life of the process (Inductor's code cache
+keeps its modules): recompiling after every small change of the weights is not what this is
+for.
+
+Freezing is a global Inductor setting, set around each call (see FrozenStep._run): a
+torch.compile run by another thread during a call would be frozen too.
 """
 
 from __future__ import annotations
 
 import functools
 import shutil
+import sysconfig
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -34,13 +43,16 @@ from convlstm.errors import ConfigError
 
 @functools.cache
 def available() -> bool:
-    """Whether Inductor finds the C++ compiler it builds the CPU code with."""
+    """Whether Inductor can build CPU code here: a C++ compiler and Python's headers (its
+    kernels and the C++ wrapper are Python extension modules)."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
-        return shutil.which(get_cpp_compiler()) is not None
+        compiler = shutil.which(get_cpp_compiler())
     except Exception:  # no compiler found (it raises), or no Inductor in this build
         return False
+    headers = sysconfig.get_paths().get("include")
+    return compiler is not None and headers is not None and (Path(headers) / "Python.h").exists()
 
 
 class FrozenStep:
@@ -52,23 +64,42 @@ class FrozenStep:
         if not available():
             raise ConfigError(
                 "compiling the step needs a C++ compiler for Inductor (g++ or clang++ on the "
-                "PATH, or $CXX)"
+                "PATH, or $CXX) and Python's headers (Python.h)"
             )
-        self.fn = fn
-        self.weights = [*module.parameters(), *module.buffers()]
+        # where each parameter and buffer lives, read again at every check: one replaced by
+        # a new tensor is seen too
+        self.slots = [
+            (owner, name)
+            for m in module.modules()
+            for owner in (m._parameters, m._buffers)
+            for name in owner
+        ]
+        weights = self._weights()
+        if any(w.is_inference() for w in weights):
+            raise ConfigError(
+                "the model's weights were made under torch.inference_mode, which keeps no "
+                "version counter to see them change: make or load them outside it"
+            )
         # oneDNN packs no float64 weights: a float64 module's convolutions stay ATen's
-        self.prepack = all(w.dtype != torch.float64 for w in self.weights)
+        self.prepack = all(w.dtype != torch.float64 for w in weights)
+        self.fn = fn
         self.examples: list[tuple[Tensor, ...]] = []
         self._compile()
 
+    def _weights(self) -> list[Tensor]:
+        return [w for owner, name in self.slots if (w := owner.get(name)) is not None]
+
     def _signature(self) -> list[tuple[int, int]]:
-        return [(w.data_ptr(), w._version) for w in self.weights]
+        return [
+            (w.data_ptr(), w._version)
+            for owner, name in self.slots
+            if (w := owner.get(name)) is not None
+        ]
 
     def _compile(self) -> None:
         fn = self.fn
-        # Dynamo keeps what it compiles (here, with the weights folded in) on the code object:
-        # a copy of fn's code per compilation keeps it apart from other steps' and lets it go
-        # with this one
+        # Dynamo keeps its compiled entries on the code object: a copy of fn's code per
+        # compilation keeps them apart from other steps' (and from the recompile limit)
         fresh = types.FunctionType(
             fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
         )

@@ -329,6 +329,7 @@ def compile_pays(
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
+        and not weight.is_inference()  # (FrozenStep refuses these)
         and compiled.available()
         and (autocast_dtype is not None or not _steps_by_winograd(model, frame_shape))
     )
@@ -336,11 +337,12 @@ def compile_pays(
 
 def _steps_by_winograd(model: nn.Module, frame_shape: tuple[int, ...]) -> bool:
     """Whether a float32 step of a stacked model on frames of `frame_shape` runs a convolution
-    by Winograd (a cell with it on, at a grid of winograd.MIN_STEP_TILES tiles or more: every
-    layer of a stacked model runs at the patch grid)."""
+    by Winograd (a cell with it on, at winograd.MIN_STEP_TILES tiles or more, batch times the
+    grid's: every layer of a stacked model runs at the patch grid). SA-ConvLSTM's inner
+    ConvLSTM counts, though its step runs no Winograd: such a model is left uncompiled."""
     b, _, height, width = frame_shape
     patch = getattr(model, "patch", 1)
-    grid = torch.empty(b, 1, height // patch, width // patch)  # a layer's state: its shape
+    grid = torch.empty(b, 1, height // patch, width // patch, device="cpu")  # a state's shape
     return any(
         isinstance(m, RecurrentCell)
         and m.winograd
@@ -364,10 +366,10 @@ class StreamingPredictor:
     compile=True (the CPU): the step is compiled once by torch.compile with the weights frozen
     in (convlstm.compiled: seconds, at construction; again when the weights change), tracing
     the plain PyTorch step whatever the model's speed options (their C kernels are not
-    traced). A 2-core Xeon, batch 1, against the eager float32 step: a small ConvLSTM 2.5x
-    in bf16 (the C kernels from packed weights: 1.4x) and 1.5x in float32 (those with
-    Winograd: 1.0x), ConvLSTM-S 6.7x in bf16 (4.8x) but 1.3x in float32, where Winograd's
-    1.7x is faster.
+    traced). A 2-core Xeon, batch 1, against the eager float32 step (experiments.benchmark,
+    session 15): mmnist-cpu-small 1.90x in bf16 (uncompiled, from packed weights: 1.24x) and
+    1.39x in float32 (uncompiled, with the C gate update: 1.02x); ConvLSTM-S 5.62x in bf16
+    (4.22x), but in float32 1.3x, where Winograd's 1.7x is faster (ad hoc).
     """
 
     def __init__(
@@ -395,17 +397,9 @@ class StreamingPredictor:
         leaves, self.spec = tree_flatten(first)
         self.index = next(i for i, leaf in enumerate(leaves) if leaf is first.prediction)
         self.state = [torch.zeros_like(leaf) for leaf in leaves]
-        self.compiled = None
+        self.compiled: FrozenStep | None = None
         if compile:
-            spec, step = self.spec, self._step
-
-            def leaf_step(frame: Tensor, *leaves: Tensor) -> tuple[Tensor, ...]:
-                return tuple(tree_flatten(step(frame, tree_unflatten(list(leaves), spec)))[0])
-
-            self.compiled = FrozenStep(leaf_step, model)
-            # from the zero state, and from one it made itself (whose strides may differ)
-            made = self.compiled.warm(self.frame, *self.state)
-            self.compiled.warm(self.frame, *made)
+            self._compile_step()
         if self.graph_mode:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -417,6 +411,19 @@ class StreamingPredictor:
             with torch.cuda.graph(self.graph), torch.no_grad():
                 self.output = self._graph_body()
         self.reset()
+
+    def _compile_step(self) -> None:
+        """Compile the step (convlstm.compiled), from here on."""
+        spec, step = self.spec, self._step
+
+        def leaf_step(frame: Tensor, *leaves: Tensor) -> tuple[Tensor, ...]:
+            return tuple(tree_flatten(step(frame, tree_unflatten(list(leaves), spec)))[0])
+
+        compiled = FrozenStep(leaf_step, self.model)
+        zeros = [torch.zeros_like(leaf) for leaf in self.state]
+        # from the zero state, and from one it made itself (whose strides may differ)
+        compiled.warm(self.frame, *compiled.warm(self.frame, *zeros))
+        self.compiled = compiled
 
     @classmethod
     def fast(
@@ -435,10 +442,10 @@ class StreamingPredictor:
 
         On a CPU the step is also compiled (compile=None: where that was measured to pay, for
         a float32 model where a C++ compiler is found: in bf16, and in float32 where no
-        convolution of the step runs by Winograd, i.e. grids of fewer than 8 tiles; see
-        above). ConvLSTM-S streamed 6.7x faster than eager float32 so, and the small preset
-        2.5x (bf16, AMX). If that compilation fails, the step runs uncompiled, with a
-        warning."""
+        convolution of the step runs by Winograd, i.e. fewer than 8 tiles, batch times the
+        grid's: compile_pays; see above). ConvLSTM-S streamed 5.6x faster than eager float32 so, and the small preset
+        1.9x (bf16, AMX). If that compilation fails, the step runs uncompiled, with a
+        warning (a failure later, when new weights compile again, is an error)."""
         from convlstm.training import resolve_precision  # (training imports this module)
 
         device = cls._checked(model, frame_shape, graph, compile)  # before the model changes
@@ -448,20 +455,23 @@ class StreamingPredictor:
         checkpointing = any(getattr(m, "checkpointing", False) for m in model.modules())
         options = SpeedOptions.for_path("fast", device, checkpointing, amp_dtype=amp_dtype)
         apply_speed(model, options)
-        if compile is None:
-            compile = compile_pays(model, frame_shape, amp_dtype)
-            if compile:
-                try:
-                    return cls(model, frame_shape, autocast_dtype=amp_dtype, compile=True)
-                except Exception as error:  # Inductor's errors have many types
-                    line = next(iter(str(error).strip().splitlines()), "")
-                    warnings.warn(
-                        f"compiling the streamed step failed ({type(error).__name__}: {line}); "
-                        "it runs uncompiled",
-                        stacklevel=2,
-                    )
-                    compile = False
-        return cls(model, frame_shape, autocast_dtype=amp_dtype, graph=graph, compile=compile)
+        # built uncompiled first: a mistake in the frames or the model fails here, plainly
+        stream = cls(
+            model, frame_shape, autocast_dtype=amp_dtype, graph=graph, compile=bool(compile)
+        )
+        if compile is None and compile_pays(model, frame_shape, amp_dtype):
+            try:
+                stream._compile_step()
+            except Exception as error:  # Inductor's errors have many types
+                lines = [line for line in str(error).splitlines() if line.strip()]
+                if len(lines) > 1 and lines[0].startswith("backend="):  # "... raised:"
+                    lines = lines[1:]
+                warnings.warn(
+                    f"compiling the streamed step failed ({type(error).__name__}: "
+                    f"{lines[0].strip() if lines else ''}); it runs uncompiled",
+                    stacklevel=2,
+                )
+        return stream
 
     @staticmethod
     def _checked(
@@ -515,9 +525,10 @@ class StreamingPredictor:
             self.frame.copy_(frame)
             self.graph.replay()
             return self.output
+        if self.compiled is not None:  # the compiled step's input: one buffer, fixed strides
+            self.frame.copy_(frame)  # (a frame of other strides would compile again)
+            self.state = list(self.compiled(self.frame, *self.state))
+            return self.state[self.index]
         frame = frame.to(device=self.device, dtype=self.frame.dtype)
-        if self.compiled is not None:  # (a frame of other strides would compile again)
-            self.state = list(self.compiled(frame.contiguous(), *self.state))
-        else:
-            self.state, _ = tree_flatten(self._step(frame, tree_unflatten(self.state, self.spec)))
+        self.state, _ = tree_flatten(self._step(frame, tree_unflatten(self.state, self.spec)))
         return self.state[self.index]

@@ -477,7 +477,7 @@ def main(argv=None) -> dict:
     variants = args.variants or default_variants(device)
     # (with their uncompiled twins where the preset streams)
     streams = MODELS[from_name(args.preset).architecture].feeds_back
-    twins = UNCOMPILED if streams else {}
+    twins = UNCOMPILED if streams and device.type == "cpu" else {}
     inference = args.inference_variants or [
         w for v in INFERENCE_VARIANTS if v in variants for w in (v, twins.get(v)) if w
     ]
@@ -644,8 +644,8 @@ def _infer_line(e: dict[str, Any]) -> str:
     if "error" in e:
         return f"{head}  failed: {e['error']}"
     stream = "-" if e["stream_step_ms"] is None else f"{e['stream_step_ms']:.3f}"
-    step = "compiled" if e.get("stream_compiled") else ""
-    return f"{head} {stream:>12} {_figures(e['forecast_seq_per_s'], 14)}  {step}"
+    step = "  compiled" if e.get("stream_compiled") else ""
+    return f"{head} {stream:>12} {_figures(e['forecast_seq_per_s'], 14)}{step}"
 
 
 def _print_table(report: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ cell whatever its speed options; recompiled when the weights change and only the
 StreamingPredictor.fast's choice of it. Each compilation takes a few seconds."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch._dynamo.utils import counters
 
 from convlstm import compiled, speed, training
 from convlstm.config import ModelConfig
-from convlstm.errors import ConfigError
+from convlstm.errors import ConfigError, ShapeError
 from convlstm.models import build_model
 from convlstm.speed import SpeedOptions, StreamingPredictor, apply_speed
 
@@ -63,6 +64,19 @@ def test_every_cell_compiles_whole_with_the_cpu_fast_paths_kernels_on(cell):
         torch.testing.assert_close(stream(frame), want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_step_that_runs_by_winograd_uncompiled_compiles_its_plain_convolutions():
+    """16x16 frames, patch 2, batch 2: 8 tiles, where the float32 fast path's step runs by
+    Winograd from C tile transforms; traced, it is the plain convolution (fullgraph)."""
+    torch.manual_seed(0)
+    model = build_model(SMALL)
+    apply_speed(model, SpeedOptions.for_path("fast", CPU))
+    assert speed._steps_by_winograd(model, (2, 1, 16, 16))  # so the bypass is what is tested
+    frames = torch.rand(3, 2, 1, 16, 16)
+    stream = StreamingPredictor(model, (2, 1, 16, 16), compile=True)
+    for frame, want in zip(frames, _eager_steps(model, frames), strict=True):
+        torch.testing.assert_close(stream(frame), want, rtol=1e-5, atol=1e-6)
+
+
 def test_the_bf16_fast_options_compile_to_the_uncompiled_bf16_step():
     """Channels-last states, packs and the C gate update under bf16 autocast (the AMX CPU's
     fast path): within bf16 rounding of the uncompiled step."""
@@ -108,6 +122,26 @@ def test_the_compiled_stream_follows_new_weights_and_compiles_only_for_them(monk
         torch.testing.assert_close(stream(frame), want, rtol=1e-5, atol=1e-6)
     assert len(compiles) == 2
 
+    # the weights are constants in the compiled code: a change through .data (no version
+    # moves) is not seen by the step, which the eager step sees
+    stream.reset()
+    before = stream(frames[0]).clone()
+    model.head.bias.data += 1.0
+    stream.reset()
+    torch.testing.assert_close(stream(frames[0]), before)
+    assert not torch.allclose(_eager_steps(model, frames[:1])[0], before)
+    assert len(compiles) == 2
+
+    # a parameter replaced by a new one, and then that one changed in place: both seen
+    model.head.weight = torch.nn.Parameter(torch.randn_like(model.head.weight))
+    stream.reset()
+    torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
+    with torch.no_grad():
+        model.head.weight.mul_(0.5)
+    stream.reset()
+    torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
+    assert len(compiles) == 4
+
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_fast_compiles_where_it_paid(monkeypatch, amx):
@@ -132,17 +166,33 @@ def test_fast_compiles_where_it_paid(monkeypatch, amx):
 
 def test_fast_streams_uncompiled_with_a_warning_when_the_compilation_fails(monkeypatch):
     def failing(*args, **kwargs):
-        raise RuntimeError("fatal error: Python.h: No such file or directory\nmore")
+        raise RuntimeError("backend='inductor' raised:\nfatal error: Python.h: No such file\n")
 
     monkeypatch.setattr(speed, "FrozenStep", failing)
     model = build_model(SMALL)
-    with pytest.warns(UserWarning, match="compiling the streamed step failed.*Python.h"):
+    with pytest.warns(UserWarning, match="failed \\(RuntimeError: fatal error: Python.h"):
         stream = StreamingPredictor.fast(model, (2, 1, 8, 8), graph=None)
     assert stream.compiled is None
     frames = torch.rand(3, 2, 1, 8, 8)
     amp = stream.dtype
     for frame, want in zip(frames, _eager_steps(model, frames, amp), strict=True):
         torch.testing.assert_close(stream(frame), want)
+
+
+def test_fast_reports_a_mistake_in_the_frames_as_itself_not_as_a_failed_compilation():
+    model = build_model(SMALL)  # patch 2: frames of odd size cannot be cut
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ShapeError):
+            StreamingPredictor.fast(model, (2, 1, 9, 9))
+
+
+def test_compile_is_refused_for_weights_made_in_inference_mode():
+    with torch.inference_mode():
+        model = build_model(SMALL)
+    assert not speed.compile_pays(model, (2, 1, 8, 8), None)  # so .fast leaves it uncompiled
+    with pytest.raises(ConfigError, match="inference_mode"):
+        StreamingPredictor(model, (2, 1, 8, 8), compile=True)
 
 
 def test_compile_is_refused_off_the_cpu_and_without_a_compiler(monkeypatch):
