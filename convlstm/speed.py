@@ -368,7 +368,7 @@ class StreamingPredictor:
     the plain PyTorch step whatever the model's speed options (their C kernels are not
     traced). A 2-core Xeon, batch 1, against the eager float32 step (experiments.benchmark,
     session 15): mmnist-cpu-small 1.90x in bf16 (uncompiled, from packed weights: 1.24x) and
-    1.39x in float32 (uncompiled, with the C gate update: 1.02x); ConvLSTM-S 5.62x in bf16
+    1.42x in float32 (uncompiled, with the C gate update: 1.02x); ConvLSTM-S 5.61x in bf16
     (4.22x), but in float32 1.3x, where Winograd's 1.7x is faster (ad hoc).
     """
 
@@ -443,9 +443,10 @@ class StreamingPredictor:
         On a CPU the step is also compiled (compile=None: where that was measured to pay, for
         a float32 model where a C++ compiler is found: in bf16, and in float32 where no
         convolution of the step runs by Winograd, i.e. fewer than 8 tiles, batch times the
-        grid's: compile_pays; see above). ConvLSTM-S streamed 5.6x faster than eager float32 so, and the small preset
-        1.9x (bf16, AMX). If that compilation fails, the step runs uncompiled, with a
-        warning (a failure later, when new weights compile again, is an error)."""
+        grid's: compile_pays; see above). ConvLSTM-S streamed 5.6x faster than eager float32
+        so, and the small preset 1.9x (bf16, AMX). If that compilation fails, the step runs
+        uncompiled, with a warning (a failure later, when new weights compile again, is an
+        error)."""
         from convlstm.training import resolve_precision  # (training imports this module)
 
         device = cls._checked(model, frame_shape, graph, compile)  # before the model changes
