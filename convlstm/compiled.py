@@ -9,14 +9,16 @@ With freezing, Inductor folds the parameters and buffers into the compiled code 
 the convolution weights are packed once for oneDNN, the gate arithmetic becomes a few fused
 C++ loops, and the C++ wrapper (cpp_wrapper) calls them with no Python in between. A small
 ConvLSTM's streamed frame (2 x 64 channels, 3x3, an 8x8 grid, batch 1) took 0.39 ms against
-0.98 ms for the eager step in float32 and 0.72 ms for the C kernels from packed weights, both
-in bf16 (a 2-core Xeon with AMX-BF16); see the README for the whole measurement.
+0.98 ms for the eager step in float32 and 0.71 ms for the C kernels from packed weights, both
+in bf16 (a 2-core Xeon with AMX-BF16, ad hoc); see the README for the benchmark's figures.
 
 Frozen constants do not follow the weights: each call checks every parameter and buffer of
 the module as it is now (its storage and version counter: a few microseconds) and compiles
 again, with the same warm-up arguments, when one changed in place (optimizer steps,
 load_state_dict, copy_) or was replaced (.to, a new Parameter). A change made through `.data`
-is not seen, as for convlstm.packed.kept_conv. Compiling takes seconds (Inductor keeps what
+moves no version: its effect is undefined, since Inductor packs or folds some weights into
+copies and reads others in place (change weights in place, or build a new step). Compiling
+takes seconds (Inductor keeps what
 it built in its on-disk cache, so the next process takes fewer), and each compilation's
 frozen copy of the weights stays loaded for the life of the process (Inductor's code cache
 keeps its modules): recompiling after every small change of the weights is not what this is

@@ -492,7 +492,8 @@ class StreamingPredictor:
             )
         if compile and not compiled.available():
             raise ConfigError(
-                "compile needs a C++ compiler for Inductor (g++ or clang++ on the PATH, or $CXX)"
+                "compile needs a C++ compiler for Inductor (g++ or clang++ on the PATH, or "
+                "$CXX) and Python's headers (Python.h)"
             )
         return device
 
