@@ -418,7 +418,8 @@ def shared_transforms() -> Iterator[None]:
     sequence with, nor one made before the weight changed, nor one a backward has gone
     through (its graph is freed: a scope may span several forwards and backwards, say for
     gradient accumulation). Nested scopes are one scope."""
-    if _SHARED.get() is not None:
+    # (nested: one scope; traced by torch.compile, where Winograd steps aside: none)
+    if torch.compiler.is_compiling() or _SHARED.get() is not None:
         yield
         return
     token = _SHARED.set({})

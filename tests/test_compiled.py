@@ -84,6 +84,23 @@ def test_a_step_that_runs_by_winograd_uncompiled_compiles_its_plain_convolutions
 
 
 @compiles
+def test_a_whole_forecast_on_the_fast_path_compiles_without_a_graph_break():
+    """model(context, horizon) opens a shared_transforms scope (a ContextVar, which Dynamo
+    cannot trace) for Winograd, which steps aside while tracing: the scope does too. The
+    forecast, hoisting and Winograd on (8 tiles), compiles whole and equals the uncompiled."""
+    torch.manual_seed(0)
+    model = build_model(SMALL)
+    apply_speed(model, SpeedOptions.for_path("fast", CPU))
+    context = torch.rand(2, 3, 1, 16, 16)
+    step = compiled.FrozenStep(lambda x: (model(x, 2),), model)
+    got = step.warm(context)[0]
+    with torch.no_grad():
+        want = model(context, 2)
+    assert got.shape == (2, 2, 1, 16, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@compiles
 def test_the_bf16_fast_options_compile_to_the_uncompiled_bf16_step():
     """Channels-last states, packs and the C gate update under bf16 autocast (the AMX CPU's
     fast path): within bf16 rounding of the uncompiled step."""
