@@ -36,6 +36,7 @@ import torch
 
 from convlstm import native
 from convlstm.cli import ArgumentParser, run_main
+from convlstm.compiled import CompiledForecast
 from convlstm.config import PRESETS, ModelConfig, TrainConfig, build, from_name
 from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast
@@ -94,8 +95,9 @@ VARIANTS: dict[str, tuple[str, Options]] = {
     "fast-no-native-gates": ("auto", _fast(native_gates=False)),
     "fast-no-packed": ("auto", _fast(packed=False)),  # inference: F.conv2d at every step
     "fast-no-fused-optimizer": ("auto", _fast(fused_optimizer=False)),
-    # streaming: the step uncompiled where "fast" / "fast-fp32" compile it (StreamingPredictor
-    # .fast's rule, compile_pays: the CPU); their training is "fast" / "fast-fp32"'s
+    # inference uncompiled where "fast" / "fast-fp32" compile the streamed step and the
+    # forecast (StreamingPredictor.fast's rule, compile_pays: the CPU); their training is
+    # "fast" / "fast-fp32"'s
     "fast-no-compile": ("auto", _fast()),
     "fast-fp32-no-compile": ("fp32", _fast()),
     # the float32 CPU path's parts (Winograd and the C gate update run in float32)
@@ -134,12 +136,13 @@ DEFAULT_VARIANTS = {
         "fast-checkpointing",
     ],
 }
-# the variants whose inference is timed by default, where they are among those trained (the
-# uncompiled ones beside "fast" and "fast-fp32")
+# the variants whose inference is timed by default, where they are among those trained (on
+# the CPU the uncompiled ones beside "fast" and "fast-fp32")
 INFERENCE_VARIANTS = ("eager-fp32", "eager-bf16", "fast", "fast-no-packed", "fast-fp32")
 UNCOMPILED = {"fast": "fast-no-compile", "fast-fp32": "fast-fp32-no-compile"}
-# the variants whose streamed step is compiled where StreamingPredictor.fast compiles it
-COMPILED_STREAMS = set(UNCOMPILED)
+# the variants whose streamed step and forecast are compiled where compile_pays (convlstm
+# .compiled: StreamingPredictor(compile=True), CompiledForecast)
+COMPILED = set(UNCOMPILED)
 
 
 def default_variants(device: torch.device) -> list[str]:
@@ -339,15 +342,16 @@ def time_inference(
     timed in turn (the order reversed every round; medians), as interleaved training is:
     first the streams, then the forecasts (until session 14 each round of 16 streamed frames
     was followed by a forecast, which left the frames' working set out of the caches).
-    `compiles`: per variant, whether its streamed step is compiled where StreamingPredictor
-    .fast would (compile_pays; reported as stream_compiled). Models that predict no next
+    `compiles`: per variant, whether its streamed step and its forecast are compiled where
+    compile_pays (at batch 1 and at `batch`; reported as stream_compiled and
+    forecast_compiled). Models that predict no next
     frame while reading (encoder-forecasters) time forecasts only (stream_step_ms None)."""
     model_cfg = from_name(preset)
     streams = MODELS[model_cfg.architecture].feeds_back
     shape = (1, model_cfg.in_channels, 64, 64)
     frames = torch.rand(64, *shape, device=device)
     context = torch.rand(batch, 10, *shape[1:], device=device)
-    runs, compiled = [], []
+    runs, compiled, compiled_forecasts = [], [], []
     for (precision, options), compile in zip(
         variants, compiles or [False] * len(variants), strict=True
     ):
@@ -365,9 +369,17 @@ def time_inference(
                 compile=compiled[-1],
             )
 
-        def forecast(model=model, amp_dtype=amp_dtype) -> None:
-            with torch.no_grad(), autocast(device, amp_dtype):
-                model(context, 10)
+        frame_shape = (batch, *shape[1:])
+        compiled_forecasts.append(compile and compile_pays(model, frame_shape, amp_dtype))
+        if compiled_forecasts[-1]:
+            forecast = partial(
+                CompiledForecast(model, context.shape, 10, autocast_dtype=amp_dtype), context
+            )
+        else:
+
+            def forecast(model=model, amp_dtype=amp_dtype) -> None:
+                with torch.no_grad(), autocast(device, amp_dtype):
+                    model(context, 10)
 
         for frame in frames[: 5 if streams else 0]:  # warm-up: kept transforms and packs,
             stream(frame)  # lazy allocations
@@ -394,8 +406,9 @@ def time_inference(
             "forecast_seq_per_s": batch / statistics.median(f),
             "rounds": len(f),
             "stream_compiled": c,
+            "forecast_compiled": cf,
         }
-        for s, f, c in zip(stream_s, forecast_s, compiled, strict=True)
+        for s, f, c, cf in zip(stream_s, forecast_s, compiled, compiled_forecasts, strict=True)
     ]
 
 
@@ -475,9 +488,7 @@ def main(argv=None) -> dict:
     if any(b < 1 for b in args.batch_sizes) or args.seconds <= 0:
         raise ConfigError("batch sizes and --seconds must be positive")
     variants = args.variants or default_variants(device)
-    # (with their uncompiled twins where the preset streams)
-    streams = MODELS[from_name(args.preset).architecture].feeds_back
-    twins = UNCOMPILED if streams and device.type == "cpu" else {}
+    twins = UNCOMPILED if device.type == "cpu" else {}
     inference = args.inference_variants or [
         w for v in INFERENCE_VARIANTS if v in variants for w in (v, twins.get(v)) if w
     ]
@@ -564,7 +575,7 @@ def main(argv=None) -> dict:
     report["forecast_batch"] = min(args.batch_sizes)
     if inference:
         resolved = [resolve_variant(variant, device) for variant in inference]
-        compiles = [variant in COMPILED_STREAMS for variant in inference]
+        compiles = [variant in COMPILED for variant in inference]
         try:
             timed = time_inference(
                 args.preset, resolved, device, args.seconds, min(args.batch_sizes), compiles
@@ -644,7 +655,8 @@ def _infer_line(e: dict[str, Any]) -> str:
     if "error" in e:
         return f"{head}  failed: {e['error']}"
     stream = "-" if e["stream_step_ms"] is None else f"{e['stream_step_ms']:.3f}"
-    step = "  compiled" if e.get("stream_compiled") else ""
+    parts = [n for n in ("stream", "forecast") if e.get(f"{n}_compiled")]
+    step = f"  {' + '.join(parts)}" if parts else ""
     return f"{head} {stream:>12} {_figures(e['forecast_seq_per_s'], 14)}{step}"
 
 
@@ -673,7 +685,7 @@ def _print_table(report: dict[str, Any]) -> None:
     if report["inference"]:
         print(
             f"{'inference path':<27} {'prec':<5} {'stream ms/step':>12} "
-            f"{'forecast seq/s':>14}  streamed step (batch 1 / {report['forecast_batch']})"
+            f"{'forecast seq/s':>14}  compiled (batch 1 / {report['forecast_batch']})"
         )
         for entry in report["inference"]:
             print(_infer_line(entry))

@@ -48,7 +48,7 @@ def test_a_compiled_stream_is_the_models_step_in_float64():
         assert got.dtype == torch.float64 and got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     config = torch._inductor.config  # set around each call only
-    assert not config.freezing and not config.cpp_wrapper and config.cpp.weight_prepack
+    assert not config.freezing and not config.cpp_wrapper
 
 
 @compiles
@@ -98,6 +98,56 @@ def test_a_whole_forecast_on_the_fast_path_compiles_without_a_graph_break():
         want = model(context, 2)
     assert got.shape == (2, 2, 1, 16, 16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@compiles
+def test_a_compiled_forecast_is_the_models_forecast():
+    """CompiledForecast: a stacked model in float64 to 1e-12; an encoder-forecaster on the
+    float32 fast path (its forecaster layer by layer, in windows) to float32 rounding."""
+    torch.manual_seed(0)
+    model = build_model(SMALL).double()
+    context = torch.rand(2, 3, 1, 8, 8, dtype=torch.float64)
+    forecast = compiled.CompiledForecast(model, (2, 3, 1, 8, 8), horizon=4)
+    with torch.no_grad():
+        want = model(context, 4)
+    got = forecast(context)
+    assert got.dtype == torch.float64 and got.shape == (2, 4, 1, 8, 8)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    config = ModelConfig(
+        architecture="encoder_forecaster", hidden_channels=(4, 6), stage_strides=(1, 2)
+    )
+    ef = build_model(config)
+    apply_speed(ef, SpeedOptions.for_path("fast", CPU))
+    context = torch.rand(1, 3, 1, 16, 16)
+    forecast = compiled.CompiledForecast(ef, (1, 3, 1, 16, 16), horizon=12)
+    with torch.no_grad():
+        want = ef(context, 12)
+    torch.testing.assert_close(forecast(context.double()), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_forecast_refuses_what_it_was_not_compiled_for(monkeypatch):
+    monkeypatch.setattr(compiled, "available", lambda: True)  # (refused before compiling)
+    model = build_model(SMALL)
+    with pytest.raises(ShapeError, match="must be \\(B, T, C, H, W\\)"):
+        compiled.CompiledForecast(model, (2, 1, 8, 8), horizon=2)
+    with pytest.raises(ConfigError, match="horizon must be at least 1"):
+        compiled.CompiledForecast(model, (2, 3, 1, 8, 8), horizon=0)
+    with pytest.raises(ConfigError, match="for the CPU, not for meta"):
+        compiled.CompiledForecast(build_model(SMALL).to("meta"), (2, 3, 1, 8, 8), horizon=2)
+    with pytest.raises(ShapeError, match="channels"):  # the model's own check, as itself
+        compiled.CompiledForecast(model, (2, 3, 2, 8, 8), horizon=2)
+    monkeypatch.setattr(compiled, "available", lambda: False)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        compiled.CompiledForecast(model, (2, 3, 1, 8, 8), horizon=2)
+
+
+@compiles
+def test_a_compiled_forecast_takes_only_its_context_shape():
+    model = build_model(SMALL)
+    forecast = compiled.CompiledForecast(model, (2, 3, 1, 8, 8), horizon=2)
+    with pytest.raises(ShapeError, match="compiled for contexts \\(2, 3, 1, 8, 8\\)"):
+        forecast(torch.rand(1, 3, 1, 8, 8))
 
 
 @compiles

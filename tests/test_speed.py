@@ -669,11 +669,19 @@ def test_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path, mnist_dir, cap
     for entry in saved["training"]:
         assert "error" not in entry and entry["train_seq_per_s"] > 0
         assert 0 < entry["peak_memory_gib"] < 1  # live tensors of one step: a few MB here
-    # "fast" streams as StreamingPredictor.fast would: a compiled step here (a 4-tile grid),
-    # with the uncompiled one beside it
-    inference = [(e["variant"], e["stream_compiled"]) for e in saved["inference"]]
+    # "fast" streams and forecasts compiled where compile_pays (the stream's 4-tile grid here;
+    # the forecast at batch 2 in bf16, or 8 tiles in float32: Winograd, not compiled), with
+    # the uncompiled twin beside it
+    inference = [
+        (e["variant"], e["stream_compiled"], e["forecast_compiled"]) for e in saved["inference"]
+    ]
     compiles = compiled.available()
-    assert inference == [("eager-fp32", False), ("fast", compiles), ("fast-no-compile", False)]
+    forecasts = compiles and training.cpu_bf16_units()
+    assert inference == [
+        ("eager-fp32", False, False),
+        ("fast", compiles, forecasts),
+        ("fast-no-compile", False, False),
+    ]
     assert saved["generator_seq_per_s"] > 0
     assert "convolution" in saved["profile"]  # the kernel table of the profiled variant
     table = capsys.readouterr().out.split("\n\n")[-1]
@@ -764,7 +772,8 @@ def test_benchmark_runs_an_encoder_forecaster(tmp_path, mnist_dir, monkeypatch):
     report = benchmark.main(argv)
     assert [e["variant"] for e in report["training"]] == ["eager-fp32", "fast-fp32"]
     assert all("error" not in e and e["train_seq_per_s"] > 0 for e in report["training"])
-    assert [e["variant"] for e in report["inference"]] == ["eager-fp32", "fast-fp32"]
+    variants = [e["variant"] for e in report["inference"]]
+    assert variants == ["eager-fp32", "fast-fp32", "fast-fp32-no-compile"]
     for entry in report["inference"]:
         assert entry["stream_step_ms"] is None and entry["forecast_seq_per_s"] > 0
         assert entry["rounds"] >= 3
