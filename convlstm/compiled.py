@@ -148,9 +148,11 @@ class CompiledForecast:
     """`model(context, horizon)` without autograd, compiled whole (FrozenStep: the weights
     frozen in, compiled again when they change) for contexts of one shape (B, T, C, H, W),
     under autocast to `autocast_dtype` if given; for a model forecasting on new data with
-    fixed weights, on the CPU. Interleaved against the uncompiled bf16 fast path (a 2-core
-    Xeon with AMX-BF16): radar-cpu-small, 5 -> 20 frames at batch 4, 2.0x (29 s to
-    compile); mmnist-cpu-small at batch 8 1.7x; ConvLSTM-S at batch 2 1.08x."""
+    fixed weights, on the CPU. In bf16 (a 2-core Xeon with AMX-BF16), against the uncompiled
+    bf16 fast path: mmnist-cpu-small at batch 8 1.63x and mmnist-encoder-forecaster at batch
+    4 1.37x (experiments.benchmark); radar-cpu-small, 5 -> 20 frames at batch 4, 2.0x (29 s
+    to compile) and ConvLSTM-S at batch 2 1.08x (ad hoc). Float32 is not measured (where
+    the fast path runs Winograd, the compiled plain convolutions may well be slower)."""
 
     def __init__(
         self,
@@ -163,19 +165,24 @@ class CompiledForecast:
         if len(context_shape) != 5:
             raise ShapeError(f"context_shape must be (B, T, C, H, W), got {tuple(context_shape)}")
         if horizon < 1:
-            raise ConfigError(f"horizon must be at least 1, got {horizon}")
+            raise ShapeError(f"horizon must be at least 1, got {horizon}")
         weight = next(model.parameters())
         if weight.device.type != "cpu":
             raise ConfigError(f"CompiledForecast is for the CPU, not for {weight.device}")
+        if not available():
+            raise ConfigError(
+                "compiling the forecast needs a C++ compiler for Inductor (g++ or clang++ on "
+                "the PATH, or $CXX) and Python's headers (Python.h)"
+            )
         self.model, self.horizon = model.eval(), horizon
         self.context = torch.zeros(context_shape, dtype=weight.dtype, device="cpu")
-        with torch.no_grad():  # the model's own checks, as themselves (traced, they would
-            model(self.context, horizon)  # be a graph break)
 
         def forecast(context: Tensor) -> tuple[Tensor]:
             with autocast(weight.device, autocast_dtype):
                 return (model(context, horizon),)
 
+        with torch.no_grad():  # the model's own checks, as themselves (traced, they would
+            forecast(self.context)  # be a graph break)
         self.step = FrozenStep(forecast, model)
         self.step.warm(self.context)
 
@@ -187,5 +194,6 @@ class CompiledForecast:
                 f"this forecast was compiled for contexts {tuple(self.context.shape)}, got "
                 f"{tuple(context.shape)} (make one per shape)"
             )
-        self.context.copy_(context)
+        with torch.no_grad():  # (a context that requires grad would leave a graph behind)
+            self.context.copy_(context)
         return self.step(self.context)[0]

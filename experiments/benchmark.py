@@ -343,8 +343,8 @@ def time_inference(
     first the streams, then the forecasts (until session 14 each round of 16 streamed frames
     was followed by a forecast, which left the frames' working set out of the caches).
     `compiles`: per variant, whether its streamed step and its forecast are compiled where
-    compile_pays (at batch 1 and at `batch`; reported as stream_compiled and
-    forecast_compiled). Models that predict no next
+    compile_pays (at batch 1 and at `batch`; forecasts in bf16 only; reported as
+    stream_compiled and forecast_compiled). Models that predict no next
     frame while reading (encoder-forecasters) time forecasts only (stream_step_ms None)."""
     model_cfg = from_name(preset)
     streams = MODELS[model_cfg.architecture].feeds_back
@@ -370,7 +370,11 @@ def time_inference(
             )
 
         frame_shape = (batch, *shape[1:])
-        compiled_forecasts.append(compile and compile_pays(model, frame_shape, amp_dtype))
+        # (forecasts compile in bf16 only: float32 ones, whose hoisted context the fast
+        # path runs by Winograd, were not measured)
+        compiled_forecasts.append(
+            compile and amp_dtype is not None and compile_pays(model, frame_shape, amp_dtype)
+        )
         if compiled_forecasts[-1]:
             forecast = partial(
                 CompiledForecast(model, context.shape, 10, autocast_dtype=amp_dtype), context

@@ -102,18 +102,12 @@ def test_a_whole_forecast_on_the_fast_path_compiles_without_a_graph_break():
 
 @compiles
 def test_a_compiled_forecast_is_the_models_forecast():
-    """CompiledForecast: a stacked model in float64 to 1e-12; an encoder-forecaster on the
-    float32 fast path (its forecaster layer by layer, in windows) to float32 rounding."""
+    """CompiledForecast: an encoder-forecaster on the float32 fast path (its forecaster layer
+    by layer, in windows) to float32 rounding, and in bf16 (the measured case) to bf16
+    rounding; then, in the same process (once a float32 compilation has registered
+    Inductor's oneDNN packing, which takes no float64), a float64 stacked model, compiled
+    unfrozen, to 1e-12. A second call leaves the first call's forecast alone."""
     torch.manual_seed(0)
-    model = build_model(SMALL).double()
-    context = torch.rand(2, 3, 1, 8, 8, dtype=torch.float64)
-    forecast = compiled.CompiledForecast(model, (2, 3, 1, 8, 8), horizon=4)
-    with torch.no_grad():
-        want = model(context, 4)
-    got = forecast(context)
-    assert got.dtype == torch.float64 and got.shape == (2, 4, 1, 8, 8)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
     config = ModelConfig(
         architecture="encoder_forecaster", hidden_channels=(4, 6), stage_strides=(1, 2)
     )
@@ -123,7 +117,32 @@ def test_a_compiled_forecast_is_the_models_forecast():
     forecast = compiled.CompiledForecast(ef, (1, 3, 1, 16, 16), horizon=12)
     with torch.no_grad():
         want = ef(context, 12)
-    torch.testing.assert_close(forecast(context.double()), want, rtol=1e-5, atol=1e-6)
+    first = forecast(context.double().requires_grad_())  # any dtype; no graph kept
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-6)
+    kept = first.clone()
+    forecast(torch.rand(1, 3, 1, 16, 16))
+    torch.testing.assert_close(first, kept)
+
+    bf16 = build_model(config)
+    apply_speed(bf16, SpeedOptions.for_path("fast", CPU, amp_dtype=torch.bfloat16))
+    forecast = compiled.CompiledForecast(
+        bf16, (1, 3, 1, 16, 16), horizon=4, autocast_dtype=torch.bfloat16
+    )
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        want = bf16(context, 4)
+    got = forecast(context)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+
+    model = build_model(SMALL).double()
+    context = torch.rand(2, 3, 1, 8, 8, dtype=torch.float64)
+    forecast = compiled.CompiledForecast(model, (2, 3, 1, 8, 8), horizon=4)
+    assert not forecast.step.frozen
+    with torch.no_grad():
+        want = model(context, 4)
+    got = forecast(context)
+    assert got.dtype == torch.float64 and got.shape == (2, 4, 1, 8, 8)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_a_compiled_forecast_refuses_what_it_was_not_compiled_for(monkeypatch):
@@ -131,15 +150,17 @@ def test_a_compiled_forecast_refuses_what_it_was_not_compiled_for(monkeypatch):
     model = build_model(SMALL)
     with pytest.raises(ShapeError, match="must be \\(B, T, C, H, W\\)"):
         compiled.CompiledForecast(model, (2, 1, 8, 8), horizon=2)
-    with pytest.raises(ConfigError, match="horizon must be at least 1"):
+    with pytest.raises(ShapeError, match="horizon must be at least 1"):
         compiled.CompiledForecast(model, (2, 3, 1, 8, 8), horizon=0)
     with pytest.raises(ConfigError, match="for the CPU, not for meta"):
         compiled.CompiledForecast(build_model(SMALL).to("meta"), (2, 3, 1, 8, 8), horizon=2)
     with pytest.raises(ShapeError, match="channels"):  # the model's own check, as itself
         compiled.CompiledForecast(model, (2, 3, 2, 8, 8), horizon=2)
     monkeypatch.setattr(compiled, "available", lambda: False)
+    model.train()
     with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
         compiled.CompiledForecast(model, (2, 3, 1, 8, 8), horizon=2)
+    assert model.training  # refused before the model was touched
 
 
 @compiles
