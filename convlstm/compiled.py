@@ -60,17 +60,22 @@ def available() -> bool:
     return compiler is not None and headers is not None and (Path(headers) / "Python.h").exists()
 
 
+def require(what: str) -> None:
+    """Refuse `what` with one clear line where Inductor cannot build CPU code (available)."""
+    if not available():
+        raise ConfigError(
+            f"{what} needs a C++ compiler for Inductor (g++ or clang++ on the PATH, or $CXX) "
+            "and Python's headers (Python.h)"
+        )
+
+
 class FrozenStep:
     """`fn` compiled whole (fullgraph: an operation Inductor cannot trace is an error, not a
     silent fallback) for static shapes, with `module`'s parameters and buffers frozen in (a
     float64 module's are not: see below); for inference (no autograd)."""
 
     def __init__(self, fn: Callable[..., tuple[Tensor, ...]], module: nn.Module) -> None:
-        if not available():
-            raise ConfigError(
-                "compiling the step needs a C++ compiler for Inductor (g++ or clang++ on the "
-                "PATH, or $CXX) and Python's headers (Python.h)"
-            )
+        require("compiling the step")
         # where each parameter and buffer lives, read again at every check: one replaced by
         # a new tensor is seen too
         self.slots = [
@@ -169,11 +174,7 @@ class CompiledForecast:
         weight = next(model.parameters())
         if weight.device.type != "cpu":
             raise ConfigError(f"CompiledForecast is for the CPU, not for {weight.device}")
-        if not available():
-            raise ConfigError(
-                "compiling the forecast needs a C++ compiler for Inductor (g++ or clang++ on "
-                "the PATH, or $CXX) and Python's headers (Python.h)"
-            )
+        require("compiling the forecast")
         self.model, self.horizon = model.eval(), horizon
         self.context = torch.zeros(context_shape, dtype=weight.dtype, device="cpu")
 

@@ -490,11 +490,8 @@ class StreamingPredictor:
             raise ConfigError(
                 f"compile is for the CPU, not for {device} (CUDA streams from a graph)"
             )
-        if compile and not compiled.available():
-            raise ConfigError(
-                "compile needs a C++ compiler for Inductor (g++ or clang++ on the PATH, or "
-                "$CXX) and Python's headers (Python.h)"
-            )
+        if compile:
+            compiled.require("compile")
         return device
 
     def _step(self, frame: Tensor, state):
