@@ -338,16 +338,17 @@ def compile_pays(
 def _steps_by_winograd(model: nn.Module, frame_shape: tuple[int, ...]) -> bool:
     """Whether a float32 step of a stacked model on frames of `frame_shape` runs a convolution
     by Winograd (a cell with it on, at winograd.MIN_STEP_TILES tiles or more, batch times the
-    grid's: every layer of a stacked model runs at the patch grid). SA-ConvLSTM's inner
-    ConvLSTM counts, though its step runs no Winograd: such a model is left uncompiled."""
+    grid's: every layer of a stacked model runs at the patch grid). Only the cells the model
+    steps count: a cell inside another (SA-ConvLSTM's ConvLSTM, whose step() it calls) never
+    takes the Winograd step."""
     b, _, height, width = frame_shape
     patch = getattr(model, "patch", 1)
     grid = torch.empty(b, 1, height // patch, width // patch, device="cpu")  # a state's shape
+    cells = [m for m in model.modules() if isinstance(m, RecurrentCell)]
+    inner = {id(sub) for cell in cells for sub in cell.modules() if sub is not cell}
     return any(
-        isinstance(m, RecurrentCell)
-        and m.winograd
-        and winograd.keeps_per_step(grid, m.first_parameter())
-        for m in model.modules()
+        id(m) not in inner and m.winograd and winograd.keeps_per_step(grid, m.first_parameter())
+        for m in cells
     )
 
 

@@ -55,7 +55,7 @@ def test_a_compiled_stream_is_the_models_step_in_float64():
 @pytest.mark.parametrize(
     "cell", ["convlstm", "peephole_convlstm", "convgru", "trajgru", "sa_convlstm", "convrnn"]
 )
-def test_every_cell_compiles_whole_with_the_cpu_fast_paths_kernels_on(cell):
+def test_every_cell_compiles_whole_with_the_cpu_fast_paths_kernels_on(monkeypatch, cell):
     """Winograd, the C gate update and packed weights are set on the model, but what is
     traced is the plain step (their C code would break the graph: fullgraph makes that an
     error); the predictions stay the uncompiled float32 step's. 16x16 frames, patch 2, batch
@@ -64,9 +64,17 @@ def test_every_cell_compiles_whole_with_the_cpu_fast_paths_kernels_on(cell):
     model = build_model(dataclasses.replace(SMALL, cell=cell))
     fast = dataclasses.replace(SpeedOptions.for_path("fast", CPU), packed=True)
     apply_speed(model, fast)
-    # so the bypass is what is tested (TrajGRU has no Winograd path)
-    assert speed._steps_by_winograd(model, (2, 1, 16, 16)) == (cell != "trajgru")
+    step = speed.winograd.step_conv
     frames = torch.rand(3, 2, 1, 16, 16)
+    # the uncompiled step runs by Winograd where _steps_by_winograd says (compile_pays reads
+    # it), so the bypass is what is tested; not TrajGRU (no Winograd path), nor SA-ConvLSTM,
+    # which calls its inner ConvLSTM's step(), though the flag is set on that cell
+    made = []
+    monkeypatch.setattr(speed.winograd, "step_conv", lambda conv: made.append(conv) or step(conv))
+    _eager_steps(model, frames[:1])
+    by_winograd = cell not in ("trajgru", "sa_convlstm")
+    assert bool(made) == by_winograd == speed._steps_by_winograd(model, (2, 1, 16, 16))
+    monkeypatch.undo()
     stream = StreamingPredictor(model, (2, 1, 16, 16), compile=True)
     for frame, want in zip(frames, _eager_steps(model, frames), strict=True):
         torch.testing.assert_close(stream(frame), want, rtol=1e-5, atol=1e-6)
