@@ -26,8 +26,10 @@ frozen copy of the weights stays loaded for the life of the process (Inductor's 
 keeps its modules): recompiling after every small change of the weights is not what this is
 for.
 
-Freezing is a global Inductor setting, set around each call (see FrozenStep._run): a
-torch.compile run by another thread during a call would be frozen too.
+Freezing is a global Inductor setting, set around each call (see FrozenStep._run). Calls
+from several threads take turns, so that each sees its own setting and the setting before
+the first is restored after the last; a torch.compile of other code run by another thread
+during a call would still be frozen.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import functools
 import shutil
 import sysconfig
+import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +47,9 @@ from torch import Tensor, nn
 
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.evaluation import autocast
+
+# held around every FrozenStep call: Inductor's freezing setting is one for the process
+_CONFIG_LOCK = threading.RLock()
 
 
 @functools.cache
@@ -128,13 +134,14 @@ class FrozenStep:
         # module attribute changed, say), is frozen: an unfrozen one ran 2x slower.
         from torch._inductor import config
 
-        saved = config.freezing, config.cpp_wrapper
-        config.freezing, config.cpp_wrapper = self.frozen, True
-        try:
-            with torch.no_grad():  # (freezing is for inference only)
-                return self.compiled(*args)
-        finally:
-            config.freezing, config.cpp_wrapper = saved
+        with _CONFIG_LOCK:  # (another thread's call would set and restore it in between)
+            saved = config.freezing, config.cpp_wrapper
+            config.freezing, config.cpp_wrapper = self.frozen, True
+            try:
+                with torch.no_grad():  # (freezing is for inference only)
+                    return self.compiled(*args)
+            finally:
+                config.freezing, config.cpp_wrapper = saved
 
     def warm(self, *example: Tensor) -> tuple[Tensor, ...]:
         """Compile for arguments like `example` (shapes, strides, dtypes: other kinds compile
@@ -144,9 +151,10 @@ class FrozenStep:
         return self._run(example)
 
     def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
-        if self._signature() != self.signature:
-            self._compile()
-        return self._run(args)
+        with _CONFIG_LOCK:  # (two threads would both see a change and both compile)
+            if self._signature() != self.signature:
+                self._compile()
+            return self._run(args)
 
 
 class CompiledForecast:

@@ -4,6 +4,7 @@ cell whatever its speed options; recompiled when the weights change and only the
 StreamingPredictor.fast's choice of it. Each compilation takes a few seconds."""
 
 import dataclasses
+import time
 import warnings
 
 import pytest
@@ -236,6 +237,37 @@ def test_the_compiled_stream_follows_new_weights_and_compiles_only_for_them(monk
     stream.reset()
     torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
     assert len(compiles) == 4
+
+
+def test_calls_from_two_threads_take_turns_and_leave_inductors_setting_as_it_was(monkeypatch):
+    """Freezing is one setting for the process: a call in another thread must neither change
+    it under a running call nor leave it set when both are done."""
+    import threading
+
+    from torch._inductor import config
+
+    monkeypatch.setattr(compiled, "available", lambda: True)  # (nothing is compiled here)
+    first, second = (compiled.FrozenStep(lambda x: (x,), build_model(SMALL)) for _ in range(2))
+    running, release, seen = threading.Event(), threading.Event(), []
+
+    def slow(x):
+        running.set()
+        release.wait(10)
+        seen.append(("first", config.freezing))
+        return (x,)
+
+    first.compiled = slow
+    second.compiled = lambda x: seen.append(("second", config.freezing)) or (x,)
+    threads = [threading.Thread(target=step, args=(torch.zeros(1),)) for step in (first, second)]
+    threads[0].start()
+    assert running.wait(10)
+    threads[1].start()
+    time.sleep(0.2)  # time for the second call to run, were it not made to wait
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert seen == [("first", True), ("second", True)]
+    assert not config.freezing and not config.cpp_wrapper
 
 
 @compiles
