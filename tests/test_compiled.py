@@ -238,6 +238,33 @@ def test_the_compiled_stream_follows_new_weights_and_compiles_only_for_them(monk
     torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
     assert len(compiles) == 4
 
+    # a submodule replaced (Dynamo's guards, which would see it, are skipped: the step's own
+    # check does), and then the new one's weights changed in place: both seen
+    head = model.head
+    model.head = torch.nn.Conv2d(head.in_channels, head.out_channels, 1)
+    stream.reset()
+    torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    stream.reset()
+    torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
+    assert len(compiles) == 6
+
+
+@compiles
+def test_a_tensor_of_a_new_kind_compiles_anew_though_the_guards_are_skipped():
+    """Only the guards on the model's settings are skipped: arguments of other strides or
+    shape than the warm-up's still select (or compile) code made for them."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    step = compiled.FrozenStep(lambda x: (conv(x).relu().flatten(1).cumsum(1),), conv)
+    x = torch.randn(2, 3, 8, 8)
+    step.warm(x)
+    for arg in (x, x.contiguous(memory_format=torch.channels_last), x[:1], x.transpose(2, 3)):
+        with torch.no_grad():
+            want = conv(arg).relu().flatten(1).cumsum(1)
+        torch.testing.assert_close(step(arg)[0], want, rtol=1e-5, atol=1e-5)
+
 
 def test_calls_from_two_threads_take_turns_and_leave_inductors_setting_as_it_was(monkeypatch):
     """Freezing is one setting for the process: a call in another thread must neither change
