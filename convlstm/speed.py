@@ -365,12 +365,13 @@ class StreamingPredictor:
     winograd.kept_transform and packed.kept_conv).
 
     compile=True (the CPU): the step is compiled once by torch.compile with the weights frozen
-    in (convlstm.compiled: seconds, at construction; again when the weights change), tracing
+    in (convlstm.compiled: seconds, at construction; again when the weights or a submodule
+    change; the model's other settings are taken as fixed, as the graph takes them), tracing
     the plain PyTorch step whatever the model's speed options (their C kernels are not
     traced). A 2-core Xeon, batch 1, against the eager float32 step (experiments.benchmark,
-    session 15): mmnist-cpu-small 1.90x in bf16 (uncompiled, from packed weights: 1.24x) and
-    1.42x in float32 (uncompiled, with the C gate update: 1.02x); ConvLSTM-S 5.61x in bf16
-    (4.22x), but in float32 1.3x, where Winograd's 1.7x is faster (ad hoc).
+    session 16): mmnist-cpu-small 2.25x in bf16 (uncompiled, from packed weights: 1.25x) and
+    1.38x in float32 (uncompiled, with the C gate update: 0.97x); session 15: ConvLSTM-S 5.61x
+    in bf16 (4.22x), but in float32 1.3x, where Winograd's 1.7x is faster (ad hoc).
     """
 
     def __init__(
