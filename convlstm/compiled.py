@@ -185,8 +185,10 @@ class CompiledForecast:
     fixed weights, on the CPU. In bf16 (a 2-core Xeon with AMX-BF16), against the uncompiled
     bf16 fast path: mmnist-cpu-small at batch 8 1.63x and mmnist-encoder-forecaster at batch
     4 1.37x (experiments.benchmark); radar-cpu-small, 5 -> 20 frames at batch 4, 2.0x (29 s
-    to compile) and ConvLSTM-S at batch 2 1.08x (ad hoc). Float32 is not measured (where
-    the fast path runs Winograd, the compiled plain convolutions may well be slower)."""
+    to compile) and ConvLSTM-S at batch 2 1.08x (ad hoc). In float32 it was slower than
+    the uncompiled fast path, whose Winograd convolutions the compiled plain ones do not
+    beat: 0.81x and 0.83x on the Xeon, 0.68x and 0.72x held to AVX2 (mmnist-cpu-small at
+    batch 8, mmnist-encoder-forecaster at batch 4; ad hoc, interleaved)."""
 
     def __init__(
         self,
