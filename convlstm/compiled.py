@@ -21,8 +21,9 @@ load_state_dict, copy_) or was replaced (.to, a new Parameter), or a submodule w
 A change made through `.data` moves no version: its effect is undefined, since Inductor packs
 or folds some weights into copies and reads others in place (change weights in place, or
 build a new step). The model's other settings (a cell's flags, say) are taken as fixed once
-compiled, as a CUDA graph takes them: Dynamo's guards on them are skipped, which took up to a
-quarter of a small model's step (see _guards_kept); build a new step after changing them.
+compiled, as a CUDA graph takes them: Dynamo's guards on them are dropped, whose evaluation
+took up to a quarter of a small model's step (see _guards_kept); build a new step after
+changing them.
 Compiling takes seconds (Inductor keeps what it built in its on-disk cache, so the next
 process takes fewer), and each compilation's frozen copy of the weights stays loaded for the
 life of the process (Inductor's code cache keeps its modules): recompiling after every small

@@ -369,8 +369,8 @@ class StreamingPredictor:
     change; the model's other settings are taken as fixed, as the graph takes them), tracing
     the plain PyTorch step whatever the model's speed options (their C kernels are not
     traced). A 2-core Xeon, batch 1, against the eager float32 step (experiments.benchmark,
-    session 16): mmnist-cpu-small 2.25x in bf16 (uncompiled, from packed weights: 1.25x) and
-    1.38x in float32 (uncompiled, with the C gate update: 0.97x); session 15: ConvLSTM-S 5.61x
+    session 16): mmnist-cpu-small 2.40x in bf16 (uncompiled, from packed weights: 1.24x) and
+    1.49x in float32 (uncompiled, with the C gate update: 0.99x); session 15: ConvLSTM-S 5.61x
     in bf16 (4.22x), but in float32 1.3x, where Winograd's 1.7x is faster (ad hoc).
     """
 
@@ -446,7 +446,7 @@ class StreamingPredictor:
         a float32 model where a C++ compiler is found: in bf16, and in float32 where no
         convolution of the step runs by Winograd, i.e. fewer than 8 tiles, batch times the
         grid's: compile_pays; see above). ConvLSTM-S streamed 5.6x faster than eager float32
-        so, and the small preset 1.9x (bf16, AMX). If that compilation fails, the step runs
+        so, and the small preset 2.4x (bf16, AMX). If that compilation fails, the step runs
         uncompiled, with a warning (a failure later, when new weights compile again, is an
         error)."""
         from convlstm.training import resolve_precision  # (training imports this module)
