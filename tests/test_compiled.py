@@ -230,32 +230,31 @@ def test_the_compiled_stream_follows_new_weights_and_compiles_only_for_them(monk
     assert not torch.allclose(_eager_steps(model, frames[:1])[0], before)
     assert len(compiles) == 2
 
+    def first_frame_as_eager():
+        stream.reset()
+        torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
+
     # a parameter replaced by a new one, and then that one changed in place: both seen
     model.head.weight = torch.nn.Parameter(torch.randn_like(model.head.weight))
-    stream.reset()
-    torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
+    first_frame_as_eager()
     with torch.no_grad():
         model.head.weight.mul_(0.5)
-    stream.reset()
-    torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
+    first_frame_as_eager()
     assert len(compiles) == 4
 
     # a submodule replaced (Dynamo's guards, which would see it, are dropped: the step's own
     # check does), and then the new one's weights changed in place: both seen
     head = model.head
     model.head = torch.nn.Conv2d(head.in_channels, head.out_channels, 1)
-    stream.reset()
-    torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
+    first_frame_as_eager()
     with torch.no_grad():
         model.head.bias.add_(1.0)
-    stream.reset()
-    torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
+    first_frame_as_eager()
     assert len(compiles) == 6
 
     # a forward hook added: seen too (Dynamo traces it into the new compilation)
     model.head.register_forward_hook(lambda module, args, out: out * 0.5)
-    stream.reset()
-    torch.testing.assert_close(stream(frames[0]), _eager_steps(model, frames[:1])[0])
+    first_frame_as_eager()
     assert len(compiles) == 7
 
 
