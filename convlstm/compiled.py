@@ -30,14 +30,18 @@ process takes fewer), and each compilation's frozen copy of the weights stays lo
 life of the process (Inductor's code cache keeps its modules): recompiling after every small
 change of the weights is not what this is for.
 
-Freezing is a global Inductor setting, set around each call (see FrozenStep._run). Calls
-from several threads take turns (all compiled steps of a process run one at a time), so
-that each sees its own setting and the setting before the first is restored after the last;
-a torch.compile of other code run by another thread during a call would still be frozen.
+Freezing is an Inductor setting, set around each call (see FrozenStep._run). Since torch
+2.13 Inductor holds its settings per thread, so steps called from several threads run
+together, and torch.compile in other threads is untouched. Where the settings are one for
+the process (torch 2.11), calls from several threads take turns, so that each sees its own
+setting and the setting before the first is restored after the last; a torch.compile of
+other code run by another thread during a call would be frozen there. Calls of one step
+take turns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import sysconfig
@@ -52,8 +56,27 @@ from torch import Tensor, nn
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.evaluation import autocast
 
-# held around every FrozenStep call: Inductor's freezing setting is one for the process
+# held around every FrozenStep call where Inductor's settings are one for the process
 _CONFIG_LOCK = threading.RLock()
+
+
+@functools.cache
+def _settings_per_thread() -> bool:
+    """Whether Inductor's settings are held per thread (context variables: torch 2.13 on),
+    so that a setting made around a call reaches no other thread, rather than one for the
+    process (torch 2.11). Found by setting one and reading it from a new thread; where that
+    cannot tell, the answer is False (calls then take turns, which is safe either way)."""
+    from torch._inductor import config
+
+    before, seen = config.freezing, []
+    config.freezing = not before
+    try:
+        reader = threading.Thread(target=lambda: seen.append(config.freezing))
+        reader.start()
+        reader.join()
+    finally:
+        config.freezing = before
+    return seen == [before]
 
 
 @functools.cache
@@ -87,6 +110,7 @@ class FrozenStep:
     def __init__(self, fn: Callable[..., tuple[Tensor, ...]], module: nn.Module) -> None:
         require("compiling the step")
         self.module, self.fn = module, fn
+        self.lock = threading.Lock()
         self.examples: list[tuple[Tensor, ...]] = []
         self._compile()
 
@@ -146,7 +170,9 @@ class FrozenStep:
         # tensor of new strides, say), is frozen: an unfrozen one ran 2x slower.
         from torch._inductor import config
 
-        with _CONFIG_LOCK:  # (another thread's call would set and restore it in between)
+        # where the setting is one for the process, another thread's call would set and
+        # restore it in between: calls take turns there
+        with contextlib.nullcontext() if _settings_per_thread() else _CONFIG_LOCK:
             saved = config.freezing, config.cpp_wrapper
             config.freezing, config.cpp_wrapper = self.frozen, True
             try:
@@ -163,7 +189,7 @@ class FrozenStep:
         return self._run(example)
 
     def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
-        with _CONFIG_LOCK:  # (two threads would both see a change and both compile)
+        with self.lock:  # (two threads would both see a change and both compile)
             if self._signature() != self.signature:
                 self._compile()
             return self._run(args)

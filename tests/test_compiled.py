@@ -297,12 +297,14 @@ def test_a_tensor_of_a_new_kind_compiles_anew_though_the_models_guards_are_dropp
         torch.testing.assert_close(step(arg)[0], want, rtol=1e-5, atol=1e-5)
 
 
-def test_calls_from_two_threads_take_turns_and_leave_inductors_setting_as_it_was(monkeypatch):
-    """Freezing is one setting for the process: a call in another thread must neither change
-    it under a running call nor leave it set when both are done."""
+def test_where_settings_are_one_for_the_process_calls_take_turns_and_restore_it(monkeypatch):
+    """Where Inductor's freezing is one setting for the process (torch 2.11; forced here), a
+    call in another thread that needs it set otherwise (a float64 step, unfrozen) must
+    neither change it under a running call nor leave it set when both are done."""
     from torch._inductor import config
 
     monkeypatch.setattr(compiled, "available", lambda: True)  # (nothing is compiled here)
+    monkeypatch.setattr(compiled, "_settings_per_thread", lambda: False)
     first = compiled.FrozenStep(lambda x: (x,), build_model(SMALL))
     second = compiled.FrozenStep(lambda x: (x,), build_model(SMALL).double())  # unfrozen
     running, release, seen = threading.Event(), threading.Event(), []
@@ -324,6 +326,38 @@ def test_calls_from_two_threads_take_turns_and_leave_inductors_setting_as_it_was
     for thread in threads:
         thread.join(10)
     assert seen == [("first", True), ("second", False)]
+    assert not config.freezing and not config.cpp_wrapper
+
+
+def test_where_settings_are_per_thread_steps_in_several_threads_run_together(monkeypatch):
+    """Where Inductor holds its settings per thread (torch 2.13 on), a frozen step (float32)
+    and an unfrozen one (float64) run at once in two threads (the first waits for the
+    second), each with its own setting, and the calling thread's setting is untouched."""
+    from torch._inductor import config
+
+    if not compiled._settings_per_thread():
+        pytest.skip("this torch's Inductor settings are one for the process")
+    monkeypatch.setattr(compiled, "available", lambda: True)  # (nothing is compiled here)
+    first = compiled.FrozenStep(lambda x: (x,), build_model(SMALL))
+    second = compiled.FrozenStep(lambda x: (x,), build_model(SMALL).double())
+    second_ran, seen = threading.Event(), []
+
+    def waiting(x):
+        seen.append(("first", config.freezing, second_ran.wait(10)))
+        return (x,)
+
+    def quick(x):
+        seen.append(("second", config.freezing))
+        second_ran.set()
+        return (x,)
+
+    first.compiled, second.compiled = waiting, quick
+    threads = [threading.Thread(target=step, args=(torch.zeros(1),)) for step in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert sorted(seen) == [("first", True, True), ("second", False)]
     assert not config.freezing and not config.cpp_wrapper
 
 
