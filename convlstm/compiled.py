@@ -42,6 +42,7 @@ take turns.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import shutil
 import sysconfig
@@ -62,21 +63,14 @@ _CONFIG_LOCK = threading.RLock()
 
 @functools.cache
 def _settings_per_thread() -> bool:
-    """Whether Inductor's settings are held per thread (context variables: torch 2.13 on),
-    so that a setting made around a call reaches no other thread, rather than one for the
-    process (torch 2.11). Found by setting one and reading it from a new thread; where that
-    cannot tell, the answer is False (calls then take turns, which is safe either way)."""
+    """Whether Inductor holds its settings per thread (each a context variable, since torch
+    2.13), so that a setting made around a call reaches no other thread, rather than one for
+    the process (torch 2.11). Read from how the setting is stored, not by changing it; where
+    that is not found, the answer is False (calls then take turns: safe either way)."""
     from torch._inductor import config
 
-    before, seen = config.freezing, []
-    config.freezing = not before
-    try:
-        reader = threading.Thread(target=lambda: seen.append(config.freezing))
-        reader.start()
-        reader.join()
-    finally:
-        config.freezing = before
-    return seen == [before]
+    entry = getattr(config, "_config", {}).get("freezing")
+    return isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)
 
 
 @functools.cache
@@ -185,8 +179,9 @@ class FrozenStep:
         """Compile for arguments like `example` (shapes, strides, dtypes: other kinds compile
         at their first call) and run it; kept, so that a recompilation after a weight change
         compiles for the same kinds at once."""
-        self.examples.append(tuple(t.clone() for t in example))
-        return self._run(example)
+        with self.lock:  # (a call in another thread may be compiling from the examples)
+            self.examples.append(tuple(t.clone() for t in example))
+            return self._run(example)
 
     def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
         with self.lock:  # (two threads would both see a change and both compile)

@@ -340,25 +340,49 @@ def test_where_settings_are_per_thread_steps_in_several_threads_run_together(mon
     monkeypatch.setattr(compiled, "available", lambda: True)  # (nothing is compiled here)
     first = compiled.FrozenStep(lambda x: (x,), build_model(SMALL))
     second = compiled.FrozenStep(lambda x: (x,), build_model(SMALL).double())
-    second_ran, seen = threading.Event(), []
+    both_in, seen = threading.Barrier(2, timeout=10), []
 
-    def waiting(x):
-        seen.append(("first", config.freezing, second_ran.wait(10)))
-        return (x,)
+    def meeting(name):
+        def step(x):
+            try:
+                both_in.wait()  # (only if the two calls run at once)
+                seen.append((name, config.freezing))
+            except threading.BrokenBarrierError:
+                seen.append((name, "alone"))
+            return (x,)
 
-    def quick(x):
-        seen.append(("second", config.freezing))
-        second_ran.set()
-        return (x,)
+        return step
 
-    first.compiled, second.compiled = waiting, quick
+    first.compiled, second.compiled = meeting("first"), meeting("second")
     threads = [threading.Thread(target=step, args=(torch.zeros(1),)) for step in (first, second)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(20)
-    assert sorted(seen) == [("first", True, True), ("second", False)]
+        thread.join(30)
+    assert sorted(seen) == [("first", True), ("second", False)]
     assert not config.freezing and not config.cpp_wrapper
+
+
+def test_the_per_thread_answer_is_what_a_setting_in_another_thread_shows():
+    """_settings_per_thread reads how Inductor stores its settings; here it is checked against
+    what they do: a setting made in another thread is seen here or not."""
+    from torch._inductor import config
+
+    seen = []
+
+    def other():
+        config.freezing = True
+        seen.append(config.freezing)
+
+    before = config.freezing
+    thread = threading.Thread(target=other)
+    try:
+        thread.start()
+        thread.join(10)
+        shared = config.freezing
+    finally:
+        config.freezing = before
+    assert seen == [True] and compiled._settings_per_thread() == (shared == before)
 
 
 @compiles
