@@ -206,6 +206,24 @@ def _guards_kept(entries: list) -> list[bool]:
     ]
 
 
+def checked_forecast_shape(context_shape: tuple[int, ...], horizon: int) -> tuple[int, ...]:
+    """A whole forecast's context shape (B, T, C, H, W), once it and the horizon are valid."""
+    if len(context_shape) != 5:
+        raise ShapeError(f"context_shape must be (B, T, C, H, W), got {tuple(context_shape)}")
+    if horizon < 1:
+        raise ShapeError(f"horizon must be at least 1, got {horizon}")
+    return tuple(context_shape)
+
+
+def same_context_shape(context: Tensor, shape: tuple[int, ...], made: str) -> None:
+    """Refuse a context of another shape than the one a forecast was `made` for."""
+    if tuple(context.shape) != shape:
+        raise ShapeError(
+            f"this forecast was {made} for contexts {shape}, got {tuple(context.shape)} "
+            "(make one per shape)"
+        )
+
+
 class CompiledForecast:
     """`model(context, horizon)` without autograd, compiled whole (FrozenStep: the weights
     frozen in, compiled again when they change) for contexts of one shape (B, T, C, H, W),
@@ -226,10 +244,7 @@ class CompiledForecast:
         *,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
-        if len(context_shape) != 5:
-            raise ShapeError(f"context_shape must be (B, T, C, H, W), got {tuple(context_shape)}")
-        if horizon < 1:
-            raise ShapeError(f"horizon must be at least 1, got {horizon}")
+        checked_forecast_shape(context_shape, horizon)
         weight = next(model.parameters())
         if weight.device.type != "cpu":
             raise ConfigError(f"CompiledForecast is for the CPU, not for {weight.device}")
@@ -249,11 +264,7 @@ class CompiledForecast:
     def __call__(self, context: Tensor) -> Tensor:
         """The forecast (B, horizon, C, H, W) of `context` (B, T, C, H, W), the compiled shape
         (any dtype: copied into the model's)."""
-        if tuple(context.shape) != tuple(self.context.shape):
-            raise ShapeError(
-                f"this forecast was compiled for contexts {tuple(self.context.shape)}, got "
-                f"{tuple(context.shape)} (make one per shape)"
-            )
+        same_context_shape(context, tuple(self.context.shape), "compiled")
         with torch.no_grad():  # (a context that requires grad would leave a graph behind)
             self.context.copy_(context)
         return self.step(self.context)[0]

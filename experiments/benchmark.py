@@ -40,6 +40,7 @@ from convlstm.compiled import CompiledForecast
 from convlstm.config import PRESETS, ModelConfig, TrainConfig, build, from_name
 from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast
+from convlstm.forecasting import GraphedForecast
 from convlstm.models import MODELS, build_model
 from convlstm.speed import (
     SpeedOptions,
@@ -335,51 +336,27 @@ def time_inference(
     was followed by a forecast, which left the frames' working set out of the caches).
     `compiles`: per variant, whether its streamed step and its forecast are compiled where
     compile_pays (at batch 1 and at `batch`; forecasts in bf16 only; reported as
-    stream_compiled and forecast_compiled). Models that predict no next
-    frame while reading (encoder-forecasters) time forecasts only (stream_step_ms None)."""
+    stream_compiled and forecast_compiled). With cuda_graph, streamed steps and forecasts
+    are CUDA graphs (StreamingPredictor, GraphedForecast; forecast_graph). Models that
+    predict no next frame while reading (encoder-forecasters) time forecasts only
+    (stream_step_ms None). A variant that fails to build gets an entry with its error only."""
     model_cfg = from_name(preset)
     streams = MODELS[model_cfg.architecture].feeds_back
     shape = (1, model_cfg.in_channels, 64, 64)
     frames = torch.rand(64, *shape, device=device)
     context = torch.rand(batch, 10, *shape[1:], device=device)
-    runs, compiled, compiled_forecasts = [], [], []
-    for (precision, options), compile in zip(
-        variants, compiles or [False] * len(variants), strict=True
+    runs: dict[int, _InferenceRun] = {}
+    results: list[dict[str, Any]] = []
+    for k, ((precision, options), compile) in enumerate(
+        zip(variants, compiles or [False] * len(variants), strict=True)
     ):
-        torch.manual_seed(0)
-        model = apply_speed(build_model(model_cfg).to(device), options).eval()
-        amp_dtype, _ = resolve_precision(precision, device)
-        stream = None
-        compiled.append(streams and compile and compile_pays(model, shape, amp_dtype))
-        if streams:
-            stream = StreamingPredictor(
-                model,
-                shape,
-                autocast_dtype=amp_dtype,
-                graph=options.cuda_graph,
-                compile=compiled[-1],
+        try:  # a variant that fails to build (a capture, a compilation) loses only its own
+            runs[k] = _inference_run(
+                model_cfg, precision, options, compile, device, frames, context
             )
-
-        frame_shape = (batch, *shape[1:])
-        # (forecasts compile in bf16 only: float32 ones ran at 0.68-0.83x the uncompiled
-        # fast path, whose hoisted context runs by Winograd)
-        compiled_forecasts.append(
-            compile and amp_dtype is not None and compile_pays(model, frame_shape, amp_dtype)
-        )
-        if compiled_forecasts[-1]:
-            forecast = partial(
-                CompiledForecast(model, context.shape, 10, autocast_dtype=amp_dtype), context
-            )
-        else:
-
-            def forecast(model=model, amp_dtype=amp_dtype) -> None:
-                with torch.no_grad(), autocast(device, amp_dtype):
-                    model(context, 10)
-
-        for frame in frames[: 5 if streams else 0]:  # warm-up: kept transforms and packs,
-            stream(frame)  # lazy allocations
-        forecast()
-        runs.append((stream, forecast))
+            results.append({})
+        except Exception as err:
+            results.append({"error": f"{type(err).__name__}: {err}"[:300]})
     # streaming first, then forecasts, each interleaved across the variants (a forecast
     # between streamed frames would evict the frames' working set: not how one streams)
     per_round = 16  # streamed frames per variant and round
@@ -388,23 +365,84 @@ def time_inference(
         for i in range(per_round):
             stream(frames[(round_ * per_round + i) % len(frames)])
 
-    stream_s: list[list[float]] = [[] for _ in runs]
-    if streams:
-        stream_s = _interleaved([partial(stream_round, s) for s, _ in runs], seconds / 2, device)
+    built = list(runs.values())
+    stream_s: list[list[float]] = [[] for _ in built]
+    if streams and built:
+        stream_s = _interleaved(
+            [partial(stream_round, r.stream) for r in built], seconds / 2, device
+        )
         stream_s = [[t / per_round for t in times] for times in stream_s]
-    forecast_s = _interleaved(
-        [lambda _, f=f: f() for _, f in runs], seconds / 2 if streams else seconds, device
-    )
-    return [
-        {
+    forecast_s = []
+    if built:
+        forecast_s = _interleaved(
+            [lambda _, f=r.forecast: f() for r in built],
+            seconds / 2 if streams else seconds,
+            device,
+        )
+    for k, s, f in zip(runs, stream_s, forecast_s, strict=True):
+        results[k] = {
             "stream_step_ms": statistics.median(s) * 1e3 if streams else None,
             "forecast_seq_per_s": batch / statistics.median(f),
             "rounds": len(f),
-            "stream_compiled": c,
-            "forecast_compiled": cf,
+            "stream_compiled": runs[k].stream_compiled,
+            "forecast_compiled": runs[k].forecast_compiled,
+            "forecast_graph": runs[k].forecast_graph,
         }
-        for s, f, c, cf in zip(stream_s, forecast_s, compiled, compiled_forecasts, strict=True)
-    ]
+    return results
+
+
+@dataclasses.dataclass
+class _InferenceRun:
+    stream: StreamingPredictor | None
+    forecast: Callable[[], Any]
+    stream_compiled: bool
+    forecast_compiled: bool
+    forecast_graph: bool
+
+
+def _inference_run(
+    model_cfg, precision: str, options: SpeedOptions, compile: bool, device, frames, context
+) -> _InferenceRun:
+    """One variant's model, streaming predictor and forecast, built and warmed up."""
+    torch.manual_seed(0)
+    model = apply_speed(build_model(model_cfg).to(device), options).eval()
+    amp_dtype, _ = resolve_precision(precision, device)
+    shape = tuple(frames.shape[1:])
+    streams = MODELS[model_cfg.architecture].feeds_back
+    stream_compiled = streams and compile and compile_pays(model, shape, amp_dtype)
+    stream = None
+    if streams:
+        stream = StreamingPredictor(
+            model,
+            shape,
+            autocast_dtype=amp_dtype,
+            graph=options.cuda_graph,
+            compile=stream_compiled,
+        )
+    frame_shape = (context.shape[0], *shape[1:])
+    # (forecasts compile in bf16 only: float32 ones ran at 0.68-0.83x the uncompiled fast
+    # path, whose hoisted context runs by Winograd)
+    forecast_compiled = (
+        compile and amp_dtype is not None and compile_pays(model, frame_shape, amp_dtype)
+    )
+    if forecast_compiled:
+        forecast = partial(
+            CompiledForecast(model, context.shape, 10, autocast_dtype=amp_dtype), context
+        )
+    elif options.cuda_graph:
+        forecast = partial(
+            GraphedForecast(model, context.shape, 10, autocast_dtype=amp_dtype), context
+        )
+    else:
+
+        def forecast() -> None:
+            with torch.no_grad(), autocast(device, amp_dtype):
+                model(context, 10)
+
+    for frame in frames[: 5 if streams else 0]:  # warm-up: kept transforms and packs,
+        stream(frame)  # lazy allocations
+    forecast()
+    return _InferenceRun(stream, forecast, stream_compiled, forecast_compiled, options.cuda_graph)
 
 
 def _interleaved(
@@ -651,6 +689,8 @@ def _infer_line(e: dict[str, Any]) -> str:
         return f"{head}  failed: {e['error']}"
     stream = "-" if e["stream_step_ms"] is None else f"{e['stream_step_ms']:.3f}"
     parts = [n for n in ("stream", "forecast") if e.get(f"{n}_compiled")]
+    if e.get("forecast_graph"):
+        parts.append("forecast as one CUDA graph")
     step = f"  {' + '.join(parts)}" if parts else ""
     return f"{head} {stream:>12} {_figures(e['forecast_seq_per_s'], 14)}{step}"
 

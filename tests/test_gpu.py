@@ -225,3 +225,53 @@ def test_encoder_forecaster_fast_path_equals_eager_on_cuda(monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
     for g_fast, g_eager in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(g_fast, g_eager, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["stacked", "encoder_forecaster"])
+def test_a_graphed_forecast_is_the_models_forecast(monkeypatch, architecture):
+    """GraphedForecast on the CUDA fast path's options (hoisting, compiled gates,
+    channels-last), fp32 without TF32: each replay is the model's forecast of its context,
+    and weights changed in place are read by the next replay."""
+    from convlstm.config import ModelConfig
+    from convlstm.forecasting import GraphedForecast
+    from convlstm.models import build_model
+    from convlstm.speed import apply_speed
+
+    device = cuda_or_skip()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    config = ModelConfig(architecture=architecture, hidden_channels=(8, 12))
+    if architecture == "encoder_forecaster":
+        config = dataclasses.replace(config, stage_strides=(1, 2))
+    torch.manual_seed(0)
+    model = apply_speed(build_model(config).to(device), SpeedOptions.for_path("fast", device))
+    forecast = GraphedForecast(model, (2, 4, 1, 32, 32), horizon=5)
+    for scale in (1.0, 1.0, 0.5):
+        if scale != 1.0:
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.mul_(scale)
+        context = torch.rand(2, 4, 1, 32, 32, device=device)
+        with torch.no_grad():
+            want = model(context, 5)
+        got = forecast(context)
+        assert got.shape == (2, 5, 1, 32, 32)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_fast_forecast_on_cuda_is_one_bf16_graph_near_the_float32_model():
+    from convlstm.config import ModelConfig
+    from convlstm.forecasting import FastForecast
+    from convlstm.models import build_model
+
+    device = cuda_or_skip()
+    torch.manual_seed(0)
+    eager = build_model(ModelConfig(hidden_channels=(8, 8), patch_size=4)).to(device).eval()
+    fast = build_model(ModelConfig(hidden_channels=(8, 8), patch_size=4)).to(device)
+    fast.load_state_dict(eager.state_dict())
+    forecast = FastForecast(fast, (3, 5, 1, 16, 16), horizon=6)
+    assert forecast.how == "graph" and forecast.dtype == torch.bfloat16
+    context = torch.rand(3, 5, 1, 16, 16, device=device)
+    with torch.no_grad():
+        want = eager(context, 6)
+    torch.testing.assert_close(forecast(context).float(), want, rtol=0.05, atol=0.02)

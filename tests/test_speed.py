@@ -675,6 +675,7 @@ def test_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path, mnist_dir, cap
     inference = [
         (e["variant"], e["stream_compiled"], e["forecast_compiled"]) for e in saved["inference"]
     ]
+    assert not any(e["forecast_graph"] for e in saved["inference"])  # (CUDA only)
     compiles = compiled.available()
     forecasts = compiles and training.cpu_bf16_units()
     assert inference == [
@@ -778,6 +779,31 @@ def test_benchmark_runs_an_encoder_forecaster(tmp_path, mnist_dir, monkeypatch):
         assert entry["stream_step_ms"] is None and entry["forecast_seq_per_s"] > 0
         assert entry["rounds"] >= 3
     assert " - " in benchmark._infer_line(report["inference"][0])
+
+
+def test_an_inference_variant_that_fails_to_build_loses_only_its_own_figures(monkeypatch):
+    """(on a GPU a failed graph capture or compilation must not cost the other variants'
+    streaming and forecast figures)"""
+    monkeypatch.setattr(benchmark, "time", TickingClock())
+    real, calls = benchmark._inference_run, []
+
+    def first_fails(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(*args)
+
+    monkeypatch.setattr(benchmark, "_inference_run", first_fails)
+    variants = [("fp32", SpeedOptions(hoist=True)), ("fp32", SpeedOptions())]
+    out = benchmark.time_inference("mmnist-cpu-small", variants, torch.device("cpu"), 0.2, 2)
+    assert out[0] == {"error": "RuntimeError: operation not permitted when stream is capturing"}
+    assert out[1]["stream_step_ms"] > 0 and out[1]["forecast_seq_per_s"] > 0
+    assert out[1]["rounds"] >= 3 and out[1]["forecast_graph"] is False
+    line = benchmark._infer_line({"variant": "fast", "precision": "bf16", **out[0]})
+    assert "failed: RuntimeError: operation not permitted" in line
+    calls.clear()
+    out = benchmark.time_inference("mmnist-cpu-small", variants[:1], torch.device("cpu"), 0.2, 2)
+    assert "error" in out[0]  # none built: nothing timed, the error kept
 
 
 @pytest.mark.parametrize(
