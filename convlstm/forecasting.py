@@ -26,15 +26,15 @@ from torch import Tensor, nn
 from convlstm.compiled import CompiledForecast, checked_forecast_shape, same_context_shape
 from convlstm.errors import ConfigError
 from convlstm.evaluation import autocast
-from convlstm.speed import SpeedOptions, apply_speed, compile_pays
+from convlstm.speed import apply_fast_path, capture_graph, compile_failure, compile_pays
 
 
 class GraphedForecast:
     """`model(context, horizon)` without autograd, under autocast to `autocast_dtype` if
     given, captured once as one CUDA graph for contexts of one shape (B, T, C, H, W): the
     GPU's counterpart of CompiledForecast. The graph reads the parameters where they are, so
-    weights loaded in place (load_state_dict, copy_) are seen; build a new one after moving or
-    converting the model or changing its settings. The returned tensor is a static buffer
+    weights changed in place (load_state_dict, copy_) are seen; build a new one after moving
+    or converting the model or changing its settings. The returned tensor is a static buffer
     that the next call overwrites: clone it to keep it."""
 
     def __init__(
@@ -44,7 +44,6 @@ class GraphedForecast:
         horizon: int,
         *,
         autocast_dtype: torch.dtype | None = None,
-        warmup: int = 3,
     ) -> None:
         shape = checked_forecast_shape(context_shape, horizon)
         weight = next(model.parameters())
@@ -55,17 +54,7 @@ class GraphedForecast:
         self.context = torch.zeros(shape, dtype=weight.dtype, device=self.device)
         with torch.no_grad():
             self._forecast()  # the model's own checks fail here, plainly, not in a capture
-            # warm-up outside the graph (cuDNN's algorithm choice, compiled kernels, lazy
-            # allocations), on a side stream as capture wants
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._forecast()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = self._forecast()
+            self.graph, self.output = capture_graph(self._forecast, self.device)
 
     def _forecast(self) -> Tensor:
         with autocast(self.device, self.dtype, cache=False):  # (no casts kept from outside)
@@ -75,9 +64,9 @@ class GraphedForecast:
         """The forecast (B, horizon, C, H, W) of `context`, of the captured shape (any dtype
         and device: copied into the graph's input)."""
         same_context_shape(context, tuple(self.context.shape), "captured")
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.device(self.device):
             self.context.copy_(context)
-        self.graph.replay()
+            self.graph.replay()
         return self.output
 
 
@@ -85,15 +74,15 @@ class FastForecast:
     """The fastest whole forecast this machine runs for contexts of `context_shape`: `model`
     switched (in place: its layout, eval mode and speed options change, its checkpointing
     setting is kept) to the fast path's options for its device, forecasting in the precision
-    the fast path trains in there ("auto": bf16 on CUDA and on a CPU with AMX-BF16 units,
-    float32 elsewhere; a float64 model stays float64), as a CUDA graph on CUDA and compiled
-    on a CPU where that pays (see the module's docstring).
+    the fast path trains in there (`dtype`, the autocast dtype: bf16 on CUDA and on a CPU with
+    AMX-BF16 units, None elsewhere: float32, or float64 for a float64 model), as a CUDA graph
+    on CUDA and compiled on a CPU where that pays (see the module's docstring).
 
     compile (the CPU): None compiles where compile_pays in bf16, falling back to the
     uncompiled forecast with a warning if compiling fails; True compiles in any precision
-    (errors raised); False never compiles. `how` says which ran: "graph", "compiled" or
+    (errors raised); False never compiles. `how` says which runs: "graph", "compiled" or
     "plain". The forecast comes in the compute dtype (bf16 under bf16 autocast); on CUDA it
-    is the graph's buffer, overwritten by the next call."""
+    is the graph's buffer, which the next call overwrites (clone it to keep it)."""
 
     def __init__(
         self,
@@ -103,28 +92,21 @@ class FastForecast:
         *,
         compile: bool | None = None,
     ) -> None:
-        from convlstm.training import resolve_precision  # (training imports convlstm.speed)
-
         self.shape = checked_forecast_shape(context_shape, horizon)
         weight = next(model.parameters())
-        device = self.device = weight.device
-        self.input_dtype = weight.dtype
-        if compile and device.type != "cpu":
-            raise ConfigError(f"compile is for the CPU, not for {device} (CUDA runs a graph)")
-        self.dtype = None
-        if weight.dtype == torch.float32:
-            self.dtype, _ = resolve_precision("auto", device, path="fast")
-        checkpointing = any(getattr(m, "checkpointing", False) for m in model.modules())
-        options = SpeedOptions.for_path("fast", device, checkpointing, amp_dtype=self.dtype)
-        self.model, self.horizon = apply_speed(model, options).eval(), horizon
-        with torch.no_grad():  # a mistake in the shape or the model fails here, plainly
-            self._plain(torch.zeros(self.shape, dtype=weight.dtype, device=device))
-        self.how, self.runner = "plain", self._plain
+        self.device, self.input_dtype = weight.device, weight.dtype
+        if compile and self.device.type != "cpu":
+            raise ConfigError(f"compile is for the CPU, not for {self.device} (CUDA runs a graph)")
+        self.dtype, options = apply_fast_path(model)
+        self.model, self.horizon = model.eval(), horizon
         if options.cuda_graph:
             self.how = "graph"
             self.runner = GraphedForecast(model, self.shape, horizon, autocast_dtype=self.dtype)
             return
-        frame_shape = (self.shape[0], *self.shape[2:])
+        self.how, self.runner = "plain", self._plain
+        with torch.no_grad():  # a mistake in the shape or the model fails here, plainly, not
+            self._plain(torch.zeros(self.shape, dtype=self.input_dtype, device=self.device))
+        frame_shape = (self.shape[0], *self.shape[2:])  # as a failed compilation
         wanted = self.dtype is not None and compile_pays(model, frame_shape, self.dtype)
         if compile or (compile is None and wanted):
             try:
@@ -135,10 +117,8 @@ class FastForecast:
             except Exception as error:  # Inductor's errors have many types
                 if compile:
                     raise
-                first = next((s for s in str(error).splitlines() if s.strip()), "")
                 warnings.warn(
-                    f"compiling the forecast failed ({type(error).__name__}: {first.strip()}); "
-                    "it runs uncompiled",
+                    f"compiling the forecast failed ({compile_failure(error)}); it runs uncompiled",
                     stacklevel=2,
                 )
 

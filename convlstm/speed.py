@@ -64,6 +64,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -318,6 +319,50 @@ class GraphedStep:
         return self.loss
 
 
+def capture_graph(body: Callable[[], Any], device: torch.device, warmup: int = 3):
+    """(graph, output): `body()` run `warmup` times (cuDNN's algorithm choice, compiled
+    kernels, lazy allocations) on a side stream, as capture wants, then captured once as a
+    CUDA graph on `device`, whose replays rewrite `output` (body's result) in place. The
+    caller sets the grad mode; autocast inside `body` needs cache=False."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = body()
+    return graph, output
+
+
+def apply_fast_path(model: nn.Module) -> tuple[torch.dtype | None, SpeedOptions]:
+    """Switch `model` in place to the fast path's options for its device (its checkpointing
+    setting kept) and return them with the autocast dtype the fast path runs in there:
+    "auto", bf16 on CUDA and on a CPU with AMX-BF16 units, else None (float32); None for a
+    float64 model, which stays float64."""
+    from convlstm.training import resolve_precision  # (training imports this module)
+
+    weight = next(model.parameters())
+    amp_dtype = None
+    if weight.dtype == torch.float32:
+        amp_dtype, _ = resolve_precision("auto", weight.device, path="fast")
+    checkpointing = any(getattr(m, "checkpointing", False) for m in model.modules())
+    options = SpeedOptions.for_path("fast", weight.device, checkpointing, amp_dtype=amp_dtype)
+    apply_speed(model, options)
+    return amp_dtype, options
+
+
+def compile_failure(error: Exception) -> str:
+    """A failed torch.compile's error in one line: its type and first line of its own (after
+    Inductor's "backend='inductor' raised:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("backend="):
+        lines = lines[1:]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def compile_pays(
     model: nn.Module, frame_shape: tuple[int, ...], autocast_dtype: torch.dtype | None
 ) -> bool:
@@ -403,15 +448,8 @@ class StreamingPredictor:
         if compile:
             self._compile_step()
         if self.graph_mode:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(3):
-                    self._graph_body()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), torch.no_grad():
-                self.output = self._graph_body()
+            with torch.no_grad():
+                self.graph, self.output = capture_graph(self._graph_body, self.device)
         self.reset()
 
     def _compile_step(self) -> None:
@@ -449,15 +487,8 @@ class StreamingPredictor:
         so, and the small preset 2.4x (bf16, AMX). If that compilation fails, the step runs
         uncompiled, with a warning (a failure later, when new weights compile again, is an
         error)."""
-        from convlstm.training import resolve_precision  # (training imports this module)
-
-        device = cls._checked(model, frame_shape, graph, compile)  # before the model changes
-        amp_dtype = None
-        if next(model.parameters()).dtype == torch.float32:
-            amp_dtype, _ = resolve_precision("auto", device, path="fast")
-        checkpointing = any(getattr(m, "checkpointing", False) for m in model.modules())
-        options = SpeedOptions.for_path("fast", device, checkpointing, amp_dtype=amp_dtype)
-        apply_speed(model, options)
+        cls._checked(model, frame_shape, graph, compile)  # before the model changes
+        amp_dtype, _ = apply_fast_path(model)
         # built uncompiled first: a mistake in the frames or the model fails here, plainly
         stream = cls(
             model, frame_shape, autocast_dtype=amp_dtype, graph=graph, compile=bool(compile)
@@ -466,12 +497,9 @@ class StreamingPredictor:
             try:
                 stream._compile_step()
             except Exception as error:  # Inductor's errors have many types
-                lines = [line for line in str(error).splitlines() if line.strip()]
-                if len(lines) > 1 and lines[0].startswith("backend="):  # "... raised:"
-                    lines = lines[1:]
                 warnings.warn(
-                    f"compiling the streamed step failed ({type(error).__name__}: "
-                    f"{lines[0].strip() if lines else ''}); it runs uncompiled",
+                    f"compiling the streamed step failed ({compile_failure(error)}); it runs "
+                    "uncompiled",
                     stacklevel=2,
                 )
         return stream

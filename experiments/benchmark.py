@@ -138,7 +138,8 @@ DEFAULT_VARIANTS = {
     ],
 }
 # the variants whose inference is timed by default, where they are among those trained (on
-# the CPU the uncompiled ones beside "fast" and "fast-fp32")
+# the CPU the uncompiled ones beside "fast" and "fast-fp32", on CUDA "fast-no-graph" beside
+# "fast")
 INFERENCE_VARIANTS = ("eager-fp32", "eager-bf16", "fast", "fast-no-packed", "fast-fp32")
 UNCOMPILED = {"fast": "fast-no-compile", "fast-fp32": "fast-fp32-no-compile"}
 # the variants whose streamed step and forecast are compiled where compile_pays (convlstm
@@ -150,6 +151,13 @@ def default_variants(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return DEFAULT_VARIANTS["cuda"]
     return DEFAULT_VARIANTS["cpu-bf16" if cpu_bf16_units() else "cpu"]
+
+
+def default_inference_variants(trained: list[str], device: torch.device) -> list[str]:
+    """Those of INFERENCE_VARIANTS among the `trained` variants, each followed by its twin:
+    on the CPU "fast" and "fast-fp32" uncompiled, on CUDA "fast" without its graphs."""
+    twins = UNCOMPILED if device.type == "cpu" else {"fast": "fast-no-graph"}
+    return [w for v in INFERENCE_VARIANTS if v in trained for w in (v, twins.get(v)) if w]
 
 
 def sync(device: torch.device) -> None:
@@ -356,7 +364,7 @@ def time_inference(
             )
             results.append({})
         except Exception as err:
-            results.append({"error": f"{type(err).__name__}: {err}"[:300]})
+            results.append({"error": _failure(err)})
     # streaming first, then forecasts, each interleaved across the variants (a forecast
     # between streamed frames would evict the frames' working set: not how one streams)
     per_round = 16  # streamed frames per variant and round
@@ -389,6 +397,16 @@ def time_inference(
             "forecast_graph": runs[k].forecast_graph,
         }
     return results
+
+
+def _failure(err: Exception) -> str:
+    """An error in one line for the table, with the error it arose from where there is one
+    (a CUDA graph capture that fails ends in its own generic error: the cause is that)."""
+    text = f"{type(err).__name__}: {err}"
+    cause = err.__cause__ or err.__context__
+    if cause is not None:
+        text += f" (from {type(cause).__name__}: {cause})"
+    return " ".join(text.split())[:300]
 
 
 @dataclasses.dataclass
@@ -497,7 +515,8 @@ def main(argv=None) -> dict:
         choices=sorted(VARIANTS),
         default=None,
         help="variants whose streaming and forecast are timed (interleaved); default: those of "
-        f"{', '.join(INFERENCE_VARIANTS)} among the training variants",
+        f"{', '.join(INFERENCE_VARIANTS)} among the training variants, and beside fast its "
+        "uncompiled (CPU) or ungraphed (CUDA) twin",
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per entry")
     parser.add_argument(
@@ -521,10 +540,7 @@ def main(argv=None) -> dict:
     if any(b < 1 for b in args.batch_sizes) or args.seconds <= 0:
         raise ConfigError("batch sizes and --seconds must be positive")
     variants = args.variants or default_variants(device)
-    twins = UNCOMPILED if device.type == "cpu" else {}
-    inference = args.inference_variants or [
-        w for v in INFERENCE_VARIANTS if v in variants for w in (v, twins.get(v)) if w
-    ]
+    inference = args.inference_variants or default_inference_variants(variants, device)
     for name in [*variants, *inference, *([args.profile] if args.profile else [])]:
         precision, options = resolve_variant(name, device)
         options.check(device)

@@ -787,21 +787,30 @@ def test_an_inference_variant_that_fails_to_build_loses_only_its_own_figures(mon
     monkeypatch.setattr(benchmark, "time", TickingClock())
     real, calls = benchmark._inference_run, []
 
-    def first_fails(*args):
+    def second_fails(*args):
         calls.append(args)
-        if len(calls) == 1:
-            raise RuntimeError("operation not permitted when stream is capturing")
+        if len(calls) == 2:
+            try:  # as a failed capture ends: its own error, raised while handling the cause
+                raise RuntimeError("operation not permitted when stream is capturing")
+            except RuntimeError:
+                raise RuntimeError("CUDA error: operation failed due to a previous error")  # noqa: B904
         return real(*args)
 
-    monkeypatch.setattr(benchmark, "_inference_run", first_fails)
-    variants = [("fp32", SpeedOptions(hoist=True)), ("fp32", SpeedOptions())]
+    monkeypatch.setattr(benchmark, "_inference_run", second_fails)
+    variants = [("fp32", SpeedOptions()), ("fp32", SpeedOptions(hoist=True))]
+    variants.append(("fp32", SpeedOptions(hoist=True, native_gates=True)))
     out = benchmark.time_inference("mmnist-cpu-small", variants, torch.device("cpu"), 0.2, 2)
-    assert out[0] == {"error": "RuntimeError: operation not permitted when stream is capturing"}
-    assert out[1]["stream_step_ms"] > 0 and out[1]["forecast_seq_per_s"] > 0
-    assert out[1]["rounds"] >= 3 and out[1]["forecast_graph"] is False
-    line = benchmark._infer_line({"variant": "fast", "precision": "bf16", **out[0]})
-    assert "failed: RuntimeError: operation not permitted" in line
+    assert out[1] == {
+        "error": "RuntimeError: CUDA error: operation failed due to a previous error (from "
+        "RuntimeError: operation not permitted when stream is capturing)"
+    }
+    for entry in (out[0], out[2]):
+        assert entry["stream_step_ms"] > 0 and entry["forecast_seq_per_s"] > 0
+        assert entry["rounds"] >= 3 and entry["forecast_graph"] is False
+    line = benchmark._infer_line({"variant": "fast", "precision": "bf16", **out[1]})
+    assert "failed: RuntimeError: CUDA error" in line
     calls.clear()
+    calls.append(None)  # (the next call is the second)
     out = benchmark.time_inference("mmnist-cpu-small", variants[:1], torch.device("cpu"), 0.2, 2)
     assert "error" in out[0]  # none built: nothing timed, the error kept
 
@@ -1023,3 +1032,7 @@ def test_every_default_cuda_variant_resolves_to_options_valid_on_cuda(monkeypatc
     assert resolved["fast"] == ("bf16", SpeedOptions.for_path("fast", cuda, False, torch.bfloat16))
     combined = resolved["fast-no-hoist-batched-wgrad"][1]
     assert combined.batched_wgrad and not combined.hoist and combined.cuda_graph
+    # streaming and forecasts: eager, and the fast path with and without its graphs
+    inference = benchmark.default_inference_variants(names, cuda)
+    assert inference == ["eager-fp32", "eager-bf16", "fast", "fast-no-graph"]
+    assert not resolved["fast-no-graph"][1].cuda_graph
