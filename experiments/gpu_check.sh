@@ -7,21 +7,22 @@
 # In order: the GPU tests; the benchmark (eager bf16 against the fast path and the variants
 # still to be decided between, at batch 16 and 64; streaming and forecasts, also without
 # compiled gates and without graphs; the data generator); ConvLSTM-S trained for 2 minutes
-# (--time-budget 120) and scored on the fixed test set; the fast path's memory traffic at
-# batch 64. Each part runs under its own time limit (together under the device's 10 minutes
+# (--time-budget 120) and scored on the fixed test set; the step convolutions' forward and
+# backward rates (experiments.conv_rates: the data gradient also as a forward convolution);
+# the fast path's memory traffic at batch 64. Each part runs under its own time limit (together under the device's 10 minutes
 # per call) and the next part runs whatever the last one did. Logs and JSON go to $OUT
 # (default gpu-check/) with a summary.txt of each part's exit status and seconds; the exit
 # status is 1 if any part failed.
 #
 # Settings (environment): DEVICE, PRESET, BUDGET (s), SECONDS_PER_ENTRY (the benchmark's
 # --seconds), TRAIN_FLAGS (more flags for the budget run, e.g. "--lr 1e-3"), PARTS (which
-# parts run, of pytest-gpu benchmark budget-run memory-traffic; e.g. PARTS=budget-run to
-# run one part again) and PYTHON. DEVICE=cpu with a small preset tries the
+# parts run, of pytest-gpu benchmark budget-run conv-rates memory-traffic; e.g.
+# PARTS=budget-run to run one part again) and PYTHON. DEVICE=cpu with a small preset tries the
 # script out. MNIST_DIR: a folder of the four MNIST files (on the GPU machine a copy carried
 # along, e.g. in .gpu/, which .gitignore keeps out of git); without one the runs use the
 # digits embedded in the repo. The budget run writes into $OUT/budget-run, its checkpoint
-# (large) deleted at the end. Limits: 550 s for the parts plus 5 s of grace each, and 60 s at
-# most for the machine's description: call it with timeout_s=600.
+# (large) deleted at the end. Limits: 580 s for the parts plus 5 s of grace each, and 60 s at
+# most for the machine's description (about 10 s): call it with timeout_s=600.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 out=${OUT:-gpu-check}
@@ -31,12 +32,13 @@ preset=${PRESET:-mmnist-convlstm-s}
 budget=${BUDGET:-120}
 seconds=${SECONDS_PER_ENTRY:-2}
 python=${PYTHON:-python3}
-parts=" $(echo ${PARTS:-pytest-gpu benchmark budget-run memory-traffic}) "
+parts=" $(echo ${PARTS:-pytest-gpu benchmark budget-run conv-rates memory-traffic}) "
 for name in $parts; do
     case $name in
-    pytest-gpu | benchmark | budget-run | memory-traffic) ;;
+    pytest-gpu | benchmark | budget-run | conv-rates | memory-traffic) ;;
     *)
-        echo "PARTS: unknown part $name (pytest-gpu, benchmark, budget-run, memory-traffic)"
+        echo "PARTS: unknown part $name (pytest-gpu, benchmark, budget-run, conv-rates," \
+            "memory-traffic)"
         exit 2
         ;;
     esac
@@ -88,6 +90,8 @@ part budget-run $((budget + 80)) "$python" -m experiments.moving_mnist --preset 
     --device "$device" --path fast --time-budget "$budget" --wandb disabled \
     ${data[@]+"${data[@]}"} --checkpoint-every 0 --out "$out/budget-run" ${TRAIN_FLAGS:-}
 rm -f "$out/budget-run/checkpoint.pt"
+part conv-rates 30 "$python" -m experiments.conv_rates --device "$device" --preset "$preset" \
+    --seconds 0.25 --out "$out/conv-rates.json"
 part memory-traffic 30 "$python" -m experiments.memory_traffic --device "$device" \
     --preset "$preset" --variant fast --batch 64
 [ -f "$out/benchmark.log" ] && tail -n 30 "$out/benchmark.log"

@@ -26,14 +26,17 @@ def test_an_unknown_part_is_refused_before_anything_runs(tmp_path):
 
 
 def test_a_part_runs_and_is_summed_up(tmp_path):
-    run = _run(tmp_path, PARTS="memory-traffic")
+    run = _run(tmp_path, PARTS="memory-traffic conv-rates")
     out = tmp_path / "out"
     assert run.returncode == 0, run.stdout + run.stderr
     machine = (out / "machine.txt").read_text()
     assert "imports: ok" in machine and "embedded digits" in machine
     summary = (out / "summary.txt").read_text().splitlines()
-    assert len(summary) == 1 and summary[0].startswith("memory-traffic rc=0 ")
+    assert len(summary) == 2 and summary[0].startswith("conv-rates rc=0 ")
+    assert summary[1].startswith("memory-traffic rc=0 ")  # (in the script's order)
     assert "total" in (out / "memory-traffic.log").read_text()
+    assert "dgrad_by_forward" in (out / "conv-rates.log").read_text()
+    assert (out / "conv-rates.json").exists()
     assert not (out / "benchmark.log").exists()  # only the parts asked for
 
 

@@ -1,0 +1,57 @@
+"""experiments.conv_rates: the step convolutions it times, the data gradient it times as a
+forward convolution (equal to autograd's, float64), and a CPU run's output."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convlstm.errors import ConfigError
+from experiments import conv_rates
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_the_flipped_filters_forward_is_the_input_gradient(kernel):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(10, 6, kernel, kernel, dtype=torch.float64)
+    grad = torch.randn(2, 10, 9, 7, dtype=torch.float64)
+    F.conv2d(x, weight, padding=kernel // 2).backward(grad)
+    got = F.conv2d(grad, conv_rates.flipped(weight), padding=kernel // 2)
+    torch.testing.assert_close(got, x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_the_convolutions_of_convlstm_s():
+    convs = conv_rates.convolutions("mmnist-convlstm-s", 19)
+    shapes = [(c["conv"], c["c_in"], c["c_out"], c["grid"], c["kernel"]) for c in convs]
+    assert shapes == [  # layer 0 (16 patch channels), the state half, layers 1-3
+        ("[x, h]", 144, 512, (16, 16), 5),
+        ("h", 128, 512, (16, 16), 5),
+        ("[x, h]", 256, 512, (16, 16), 5),
+    ]
+    with pytest.raises(ConfigError, match="not a stacked preset"):
+        conv_rates.convolutions("mmnist-encoder-forecaster", 19)
+
+
+def test_a_cpu_run_writes_its_rates(tmp_path, capsys):
+    out = tmp_path / "rates.json"
+    argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch-sizes", "2"]
+    results = conv_rates.main([*argv, "--steps", "3", "--seconds", "0.01", "--out", str(out)])
+    assert len(results) == 2
+    assert json.loads(out.read_text())["rates"] == json.loads(json.dumps(results))
+    for entry in results:
+        assert entry["dgrad_difference"] < 1e-5  # float32: the same gradient both ways
+        assert set(entry["tflops"]) == {
+            "forward",
+            "dgrad",
+            "dgrad_by_forward",
+            "wgrad",
+            "wgrad_batched",
+        }
+        assert all(rate > 0 for rate in entry["tflops"].values())
+    assert "differ by at most" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="must be positive"):
+        conv_rates.main(["--device", "cpu", "--steps", "0"])
+    with pytest.raises(ConfigError, match=".json"):
+        conv_rates.main(["--device", "cpu", "--out", "rates.txt"])
