@@ -332,7 +332,7 @@ def capture_graph(body: Callable[[], Any], device: torch.device, warmup: int = 3
                 body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):  # (its default stream: the first device's)
             output = body()
     return graph, output
 

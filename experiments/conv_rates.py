@@ -1,21 +1,24 @@
-"""How fast a stacked preset's recurrent convolutions run, forward and backward, one step at
-a time against batched over the steps: the rates that bound the fast path's training step.
+"""How fast a stacked ConvLSTM preset's recurrent convolutions run, forward and backward, one
+step at a time against batched over the steps: the rates that bound the fast path's training
+step.
 
     python -m experiments.conv_rates                          # GPU: ConvLSTM-S, bf16
     python -m experiments.conv_rates --device cpu --preset mmnist-cpu-small --batch-sizes 8
 
 For each gate convolution of one recurrent step (the whole one on [x, h], as a step of a
 stack fed its own prediction runs it; the state half W_h * h alone, as a hoisted step runs
-it) and each batch size, in the training dtype (bf16 on CUDA, channels-last; float32 on the
-CPU), TFLOP/s of:
+it) and each batch size, in bf16 channels-last on CUDA (the fast path's) and float32 on the
+CPU (the float32 fast path's; not bf16, which AMX CPUs train in), TFLOP/s of:
 - forward: F.conv2d;
 - data gradient: the library's convolution backward for the input alone (cuDNN's dgrad on
   CUDA), and the same gradient as a forward convolution of the output gradient with the
-  filter transposed and flipped (mathematically equal; checked here), which may run other,
-  faster kernels;
+  filter transposed and flipped (equal in exact arithmetic; the largest difference is
+  printed and saved), which may run other, faster kernels;
 - weight gradient: per step (as autograd makes it), and once over all the sequence's steps
   stacked along the batch (convlstm.wgrad's batched_wgrad), per step's worth of work.
-Session 5 measured on an H100 at batch 16: 530 TFLOP/s forward, 270 data gradient, 325
+On CUDA each figure is GPU time: 16 calls captured as one CUDA graph, its replays timed (no
+Python or launch overhead, as in the graphed training step). Session 5 measured on an H100
+at batch 16, with an ad hoc script of its own: 530 TFLOP/s forward, 270 data gradient, 325
 weight gradient; so the data gradient is where a step's convolutions lose most.
 """
 
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from convlstm.cli import ArgumentParser, run_main
 from convlstm.config import PRESETS, from_name
 from convlstm.errors import ConfigError
+from convlstm.speed import capture_graph
 from convlstm.training import resolve_device
 
 _backward = torch.ops.aten.convolution_backward
@@ -49,8 +53,11 @@ def convolutions(preset: str, steps: int) -> list[dict[str, Any]]:
     """The step convolutions of a stacked preset's layers, one of each distinct shape: the
     whole gate convolution on [x, h] and the state half on h."""
     cfg = from_name(preset)
-    if cfg.architecture != "stacked":
-        raise ConfigError(f"{preset} is not a stacked preset (its convolutions differ by layer)")
+    if cfg.architecture != "stacked" or cfg.cell not in ("convlstm", "peephole_convlstm"):
+        raise ConfigError(
+            f"{preset} is not a stacked ConvLSTM preset (its cell is {cfg.cell}, its "
+            f"architecture {cfg.architecture}): its convolutions have other shapes"
+        )
     patch = cfg.patch_size
     grid = (64 // patch, 64 // patch)
     inputs = [cfg.in_channels * patch * patch, *cfg.hidden_channels[:-1]]
@@ -75,9 +82,17 @@ def convolutions(preset: str, steps: int) -> list[dict[str, Any]]:
 
 
 def _time(fn, device: torch.device, seconds: float) -> float:
-    """Median seconds of fn() over rounds of at least `seconds` / 5 each (after a warm-up)."""
+    """Median seconds of one fn() over 5 rounds of about `seconds` / 5 each, after a warm-up
+    (cuDNN's algorithm search). On CUDA, GPU time: 16 calls captured as one graph, whose
+    replays are timed."""
+    calls = 1
+    if device.type == "cuda":
+        calls = 16
+        with torch.no_grad():
+            graph, _ = capture_graph(lambda: [fn() for _ in range(calls)], device, warmup=1)
+        fn = graph.replay
     fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else lambda: None
     sync()
     times = []
     for _ in range(5):
@@ -85,10 +100,8 @@ def _time(fn, device: torch.device, seconds: float) -> float:
         while count == 0 or time.perf_counter() - start < seconds / 5:
             fn()
             count += 1
-            if device.type == "cuda" and count % 8 == 0:
-                sync()
-        sync()
-        times.append((time.perf_counter() - start) / count)
+        sync()  # (the replays queued until then, timed to their end)
+        times.append((time.perf_counter() - start) / count / calls)
     return statistics.median(times)
 
 

@@ -21,8 +21,8 @@
 # script out. MNIST_DIR: a folder of the four MNIST files (on the GPU machine a copy carried
 # along, e.g. in .gpu/, which .gitignore keeps out of git); without one the runs use the
 # digits embedded in the repo. The budget run writes into $OUT/budget-run, its checkpoint
-# (large) deleted at the end. Limits: 580 s for the parts plus 5 s of grace each, and 60 s at
-# most for the machine's description (about 10 s): call it with timeout_s=600.
+# (large) deleted at the end. Limits: 560 s for the parts plus 5 s of grace each, and 60 s at
+# most for the machine's description (seconds, normally): call it with timeout_s=600.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 out=${OUT:-gpu-check}
@@ -80,18 +80,20 @@ training=(eager-bf16 fast fast-no-hoist fast-with-batched-wgrad fast-no-hoist-ba
 inference=(eager-bf16 fast fast-no-fused-gates fast-no-graph)
 if [[ "$device" != cuda* ]]; then training=(eager-fp32 fast) inference=(eager-fp32 fast); fi
 # (session 5's H100 measured the other variants: eager fp32, without the graph, without
-# compiled gates, checkpointing; its fast path forecast slower than eager, 870 against 1,161
-# sequences/s at batch 16, hence the inference variants)
+# compiled gates, checkpointing; its fast path forecast slower than eager, 870 against 1,021
+# sequences/s in bf16 at batch 16, hence the inference variants)
 part benchmark 220 "$python" -m experiments.benchmark --device "$device" --preset "$preset" \
     --seconds "$seconds" ${data[@]+"${data[@]}"} --out "$out/benchmark.json" \
     --variants "${training[@]}" --inference-variants "${inference[@]}"
 # shellcheck disable=SC2086  # TRAIN_FLAGS: several flags
-part budget-run $((budget + 80)) "$python" -m experiments.moving_mnist --preset "$preset" \
+part budget-run $((budget + 65)) "$python" -m experiments.moving_mnist --preset "$preset" \
     --device "$device" --path fast --time-budget "$budget" --wandb disabled \
     ${data[@]+"${data[@]}"} --checkpoint-every 0 --out "$out/budget-run" ${TRAIN_FLAGS:-}
 rm -f "$out/budget-run/checkpoint.pt"
-part conv-rates 30 "$python" -m experiments.conv_rates --device "$device" --preset "$preset" \
-    --seconds 0.25 --out "$out/conv-rates.json"
+rates=(--batch-sizes 16 64)
+if [[ "$device" != cuda* ]]; then rates=(--batch-sizes 2 --steps 3); fi
+part conv-rates 25 "$python" -m experiments.conv_rates --device "$device" --preset "$preset" \
+    "${rates[@]}" --seconds 0.1 --out "$out/conv-rates.json"
 part memory-traffic 30 "$python" -m experiments.memory_traffic --device "$device" \
     --preset "$preset" --variant fast --batch 64
 [ -f "$out/benchmark.log" ] && tail -n 30 "$out/benchmark.log"

@@ -30,8 +30,23 @@ def test_the_convolutions_of_convlstm_s():
         ("h", 128, 512, (16, 16), 5),
         ("[x, h]", 256, 512, (16, 16), 5),
     ]
-    with pytest.raises(ConfigError, match="not a stacked preset"):
-        conv_rates.convolutions("mmnist-encoder-forecaster", 19)
+    for other in ("mmnist-encoder-forecaster", "mmnist-convgru", "mmnist-sa-convlstm"):
+        with pytest.raises(ConfigError, match="not a stacked ConvLSTM preset"):
+            conv_rates.convolutions(other, 19)
+
+
+def test_the_rates_count_one_steps_products(monkeypatch):
+    """Every op timed at 1 s: each rate is one step's multiply-adds x 2 per second, and the
+    batched weight gradient, which does `steps` steps' work in that second, `steps` times it."""
+    monkeypatch.setattr(conv_rates, "_time", lambda fn, device, seconds: 1.0)
+    conv = conv_rates.convolutions("mmnist-cpu-small", 3)[0]
+    entry = conv_rates.measure(conv, 2, torch.device("cpu"), torch.float32, 0.01)
+    (h, w), k = conv["grid"], conv["kernel"]
+    step = 2 * 2 * h * w * conv["c_in"] * conv["c_out"] * k * k / 1e12
+    rates = entry["tflops"]
+    for name in ("forward", "dgrad", "dgrad_by_forward", "wgrad"):
+        assert rates[name] == pytest.approx(step)
+    assert rates["wgrad_batched"] == pytest.approx(3 * step)
 
 
 def test_a_cpu_run_writes_its_rates(tmp_path, capsys):
