@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from convlstm.compiled import CompiledForecast, checked_forecast_shape, same_context_shape
-from convlstm.errors import ConfigError
+from convlstm.errors import ConfigError, ShapeError
 from convlstm.evaluation import autocast
 from convlstm.speed import apply_fast_path, capture_graph, compile_failure, compile_pays
 
@@ -104,16 +104,17 @@ class FastForecast:
             self.runner = GraphedForecast(model, self.shape, horizon, autocast_dtype=self.dtype)
             return
         self.how, self.runner = "plain", self._plain
-        with torch.no_grad():  # a mistake in the shape or the model fails here, plainly, not
-            self._plain(torch.zeros(self.shape, dtype=self.input_dtype, device=self.device))
-        frame_shape = (self.shape[0], *self.shape[2:])  # as a failed compilation
+        frame_shape = (self.shape[0], *self.shape[2:])
         wanted = self.dtype is not None and compile_pays(model, frame_shape, self.dtype)
         if compile or (compile is None and wanted):
-            try:
+            try:  # (CompiledForecast runs the model's own checks first, uncompiled)
                 self.runner = CompiledForecast(
                     model, self.shape, horizon, autocast_dtype=self.dtype
                 )
                 self.how = "compiled"
+                return
+            except (ShapeError, ConfigError):  # a mistake in the shape or the model, as itself
+                raise
             except Exception as error:  # Inductor's errors have many types
                 if compile:
                     raise
@@ -121,6 +122,8 @@ class FastForecast:
                     f"compiling the forecast failed ({compile_failure(error)}); it runs uncompiled",
                     stacklevel=2,
                 )
+        with torch.no_grad():  # a mistake in the shape or the model fails here, plainly
+            self._plain(torch.zeros(self.shape, dtype=self.input_dtype, device=self.device))
 
     @torch.no_grad()
     def _plain(self, context: Tensor) -> Tensor:

@@ -3,6 +3,8 @@ the machine runs it (float32 with Winograd uncompiled; bf16 compiled where that 
 unchanged), its refusals, and its fallback when compiling fails. GraphedForecast, the CUDA
 graph, is tested in tests/test_gpu.py; here only its refusal of a CPU model."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -103,6 +105,16 @@ def test_a_failed_compilation_falls_back_with_a_warning_unless_compiling_was_ask
     torch.testing.assert_close(forecast(context).float(), want.float(), rtol=0.05, atol=0.03)
     with pytest.raises(RuntimeError, match="Python.h"):
         FastForecast(build_model(SMALL), (2, 3, 1, 8, 8), horizon=2, compile=True)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler for Inductor")
+def test_a_mistake_in_the_shape_is_itself_where_the_forecast_would_compile(monkeypatch):
+    """Not a failed compilation's warning and an uncompiled fallback: the model's own error."""
+    monkeypatch.setattr(training, "cpu_bf16_units", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ShapeError, match="channels"):
+            FastForecast(build_model(SMALL), (2, 3, 2, 8, 8), horizon=2)
 
 
 def test_bad_shapes_and_devices_are_refused():
