@@ -22,6 +22,13 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   sequence, over all its steps stacked (convlstm.wgrad), instead of one small product per
   step summed in the compute dtype. More peak memory (each step's gate gradient is kept);
   not with checkpointing.
+- forward_dgrad: each ConvLSTM, ConvGRU and ConvRNN convolution's input gradient made as a
+  forward convolution of its output gradient with the filter transposed and flipped once per
+  sequence (convlstm.wgrad), instead of the library's data-gradient kernels: on an H100
+  cuDNN's ran at 270 TFLOP/s against 530 forward at ConvLSTM-S's step shapes at batch 16
+  (session 5). A candidate for CUDA, off by default until a GPU has measured it; with or
+  without batched_wgrad and checkpointing, not with winograd or packed (other ways to run
+  the convolutions).
 - winograd: the 3x3 and 5x5 convolutions of ConvLSTM, ConvGRU and ConvRNN cells by
   Winograd's F(4x4, 3x3) and F(4x4, 5x5) (convlstm.winograd): 2.25 multiplications per output
   instead of 9, and 4 instead of 25, for the CPU, where training is bound by the
@@ -93,6 +100,7 @@ class SpeedOptions:
     cuda_graph: bool = False
     fused_optimizer: bool = False
     batched_wgrad: bool = False
+    forward_dgrad: bool = False
     winograd: bool = False
     native_gates: bool = False
     packed: bool = False
@@ -109,6 +117,12 @@ class SpeedOptions:
                 "batched_wgrad and winograd are two ways to run the gate "
                 "convolution: use one or the other"
             )
+        for name in ("winograd", "packed"):
+            if self.forward_dgrad and getattr(self, name):
+                raise ConfigError(
+                    f"forward_dgrad and {name} are two ways to run the gate convolution's "
+                    "input gradient: use one or the other"
+                )
         if self.batched_wgrad and self.checkpointing:
             raise ConfigError(
                 "batched_wgrad keeps every step's input and gradient until the weights' "
@@ -254,6 +268,7 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
             module.fused_update = fused if plain else None
         if isinstance(module, WINOGRAD_CELLS):
             module.batched_wgrad = options.batched_wgrad
+            module.forward_dgrad = options.forward_dgrad
             module.winograd = options.winograd and module.kernel_size in winograd.KERNEL_SIZES
             module.packed = options.packed
         if isinstance(module, packed.Conv2d):

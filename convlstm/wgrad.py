@@ -1,20 +1,23 @@
-"""Weight gradients batched over time: one large product per weight per sequence.
+"""A recurrent convolution's gradients made otherwise than autograd's step by step: weight
+gradients batched over time, and input gradients as forward convolutions.
 
 A recurrent cell applies the same convolution at every step, so autograd computes that
 weight's gradient step by step (one small GEMM each) and adds the pieces, in the compute dtype
-(bf16 under autocast, where the weight is cast once per sequence). `WeightGradBatch` keeps
-each step's input and output gradient instead and computes the weight and bias gradients
-once, over all steps stacked along the batch, when the backward pass reaches the weight: the
-same sum, in one convolution backward (accumulated inside the call, rounded to the compute
-dtype once).
+(bf16 under autocast, where the weight is cast once per sequence). With `batch_wgrad`,
+`SequenceConv` keeps each step's input and output gradient instead and computes the weight
+and bias gradients once, over all steps stacked along the batch, when the backward pass
+reaches the weight: the same sum, in one convolution backward (accumulated inside the call,
+rounded to the compute dtype once). With `forward_dgrad` each step's input gradient is a
+forward convolution with the filter transposed and flipped once per sequence, which may run
+faster kernels than the library's data gradient.
 
-    batch = WeightGradBatch(weight, bias, padding)   # once per sequence, with grad enabled
+    conv = SequenceConv(weight, bias, padding).conv  # once per sequence, with grad enabled
     for t in range(T):
-        z = batch.conv(x_t)                          # F.conv2d(x_t, weight, bias, padding=...)
+        z = conv(x_t)                                # F.conv2d(x_t, weight, bias, padding=...)
 
-Each step's backward computes only its input gradient. The inputs and gradients of every step
-stay in memory until the weight's gradient is made (more peak memory, about one gate tensor
-per step); so this does not combine with activation checkpointing.
+With batch_wgrad each step's backward computes only its input gradient. The inputs and
+gradients of every step stay in memory until the weight's gradient is made (more peak memory,
+about one gate tensor per step); so it does not combine with activation checkpointing.
 """
 
 from __future__ import annotations
@@ -112,22 +115,31 @@ def _grads(padding: int, x: Tensor, grad: Tensor, weight: Tensor, mask: list[boo
     )
 
 
-class _TapedConv(Function):
-    """F.conv2d whose backward returns the input gradient and keeps (input, gradient) for
-    the weight's; with packs (convlstm.packed.SequencePacks), both convolutions run from
-    them."""
+def flipped(weight: Tensor) -> Tensor:
+    """The filter whose forward convolution of an output gradient is the input gradient of a
+    stride-1 convolution with `weight` (C_out, C_in, k, k): in and out channels swapped, each
+    k x k kernel rotated by 180 degrees (the padding becomes k - 1 - padding)."""
+    return weight.transpose(0, 1).flip(-2, -1)
+
+
+class _SequenceStep(Function):
+    """F.conv2d whose backward makes the input gradient (with `turned`, the flipped filter,
+    as a forward convolution; with packs, convlstm.packed.SequencePacks, from them) and, with
+    a tape, keeps (input, gradient) for the weight's, else makes the weight and bias
+    gradients itself."""
 
     @staticmethod
     def forward(
         ctx,
         x: Tensor,
-        tape: StepTape,
+        tape: StepTape | None,
         padding: int,
         packs: SequencePacks | None,
+        turned: Tensor | None,
         weight: Tensor,
         *bias: Tensor,
     ):
-        ctx.tape, ctx.padding, ctx.packs = tape, padding, packs
+        ctx.tape, ctx.padding, ctx.packs, ctx.turned = tape, padding, packs, turned
         ctx.head = weight.grad_fn  # _Head's node, None when nothing needs the weight's gradient
         ctx.save_for_backward(x, weight)
         with torch.autocast(x.device.type, enabled=False):  # operands are already cast
@@ -138,29 +150,52 @@ class _TapedConv(Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        refuse_second_order(grad, "batched_wgrad")
+        refuse_second_order(grad, "batched_wgrad" if ctx.tape is not None else "forward_dgrad")
         x, weight = ctx.saved_tensors
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if ctx.packs is not None:
+        wants = ctx.needs_input_grad
+        has_bias = len(wants) > 6
+        dx = dw = db = None
+        with torch.autocast(grad.device.type, enabled=False):
+            if wants[0] and ctx.packs is not None:
                 dx = ctx.packs.input_grad(grad)
-            else:
+            elif wants[0] and ctx.turned is not None:
+                dx = F.conv2d(grad, ctx.turned, padding=weight.shape[-1] - 1 - ctx.padding)
+            elif wants[0]:
                 dx = _grads(ctx.padding, x, grad, weight, [True, False, False])[0]
-        ctx.packs = None  # not kept alive by a graph that outlives its backward
-        ctx.tape.keep(ctx.head, x, grad)
-        return (dx, None, None, None, None, *([None] * (len(ctx.needs_input_grad) - 5)))
+            if ctx.tape is not None:
+                ctx.tape.keep(ctx.head, x, grad)
+            elif wants[5] or (has_bias and wants[6]):
+                mask = [False, wants[5], has_bias and wants[6]]
+                _, dw, db = _grads(ctx.padding, x, grad, weight, mask)
+        ctx.packs = ctx.turned = None  # not kept alive by a graph that outlives its backward
+        return (dx, None, None, None, None, dw, *([db] if has_bias else []))
 
 
-class WeightGradBatch:
+class SequenceConv:
     """Stride-1, `padding`-padded convolutions with one weight (C_out, C_in, k, k) and optional
-    bias over one sequence, whose weight and bias gradients are computed once, batched.
+    bias over one sequence (its steps, or the hoisted call over all its frames), whose
+    gradients are made in one of these ways:
+    - batch_wgrad: the weight and bias gradients once, over all steps stacked along the batch
+      (the module's docstring);
+    - forward_dgrad: each step's input gradient as a forward convolution of its output
+      gradient with the filter transposed and flipped (`flipped`, made once per sequence),
+      the same sum in another order; on an H100 cuDNN's data-gradient kernels ran at half
+      its forward rate at ConvLSTM-S's step shapes (session 5);
+    - neither: as autograd would (a plain F.conv2d does that with less overhead).
     Under autocast the weight, bias and inputs are cast once to its dtype, as F.conv2d would.
-    With `packed`, where convlstm.packed serves (the CPU, float32 or bf16), each step's
-    convolution and input gradient run from the weight packed once per sequence for oneDNN
-    (SequencePacks)."""
+    With `packed` and batch_wgrad, where convlstm.packed serves (the CPU, float32 or bf16),
+    each step's convolution and input gradient run from the weight packed once per sequence
+    for oneDNN (SequencePacks)."""
 
     def __init__(
-        self, weight: Tensor, bias: Tensor | None, padding: int, packed: bool = False
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        padding: int,
+        *,
+        batch_wgrad: bool = True,
+        forward_dgrad: bool = False,
+        packed: bool = False,
     ) -> None:
         kind = weight.device.type
         if torch.is_autocast_enabled(kind):
@@ -168,20 +203,32 @@ class WeightGradBatch:
             weight = weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         self.padding = padding
+        self.tape = None
+        if batch_wgrad:
 
-        def finish(tape: StepTape, weight: Tensor, *bias: Tensor):
-            x, grad = tape.join(0)  # all steps stacked along the batch
-            _, dw, db = _grads(padding, x, grad, weight, [False, True, bool(bias)])
-            return (dw, db)[: 1 + len(bias)]
+            def finish(tape: StepTape, weight: Tensor, *bias: Tensor):
+                x, grad = tape.join(0)  # all steps stacked along the batch
+                _, dw, db = _grads(padding, x, grad, weight, [False, True, bool(bias)])
+                return (dw, db)[: 1 + len(bias)]
 
-        self.tape = StepTape(finish)
-        self.weight, *rest = share(self.tape, weight, *([] if bias is None else [bias]))
-        self.bias = rest[0] if rest else None
+            self.tape = StepTape(finish)
+            weight, *rest = share(self.tape, weight, *([] if bias is None else [bias]))
+            bias = rest[0] if rest else None
+        self.weight, self.bias = weight, bias
+        self.turned = None
+        if forward_dgrad:
+            channels_last = not weight.is_contiguous() and weight.is_contiguous(
+                memory_format=torch.channels_last
+            )
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            self.turned = flipped(weight.detach()).contiguous(memory_format=layout)
         self.packs = None
-        if packed and packing.serves(weight, weight):
+        if batch_wgrad and packed and packing.serves(weight, weight):
             self.packs = SequencePacks(self.weight, self.bias, padding)
 
     def conv(self, x: Tensor) -> Tensor:
         bias = [] if self.bias is None else [self.bias]
         x = x.to(self.weight.dtype)
-        return _TapedConv.apply(x, self.tape, self.padding, self.packs, self.weight, *bias)
+        return _SequenceStep.apply(
+            x, self.tape, self.padding, self.packs, self.turned, self.weight, *bias
+        )

@@ -38,15 +38,9 @@ from convlstm.config import PRESETS, from_name
 from convlstm.errors import ConfigError
 from convlstm.speed import capture_graph
 from convlstm.training import resolve_device
+from convlstm.wgrad import flipped
 
 _backward = torch.ops.aten.convolution_backward
-
-
-def flipped(weight: torch.Tensor) -> torch.Tensor:
-    """The filter whose forward convolution of an output gradient is the input gradient of a
-    stride-1, 'same'-padded convolution with `weight` (C_out, C_in, k, k): in and out channels
-    swapped, each k x k kernel rotated by 180 degrees."""
-    return weight.transpose(0, 1).flip(-2, -1)
 
 
 def convolutions(preset: str, steps: int) -> list[dict[str, Any]]:

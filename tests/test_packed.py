@@ -189,10 +189,10 @@ def test_a_kept_convolution_held_across_a_change_sees_the_new_weights():
 
 
 def test_a_training_sequence_lets_go_of_its_packs_once_backward_has_run():
-    from convlstm.wgrad import WeightGradBatch
+    from convlstm.wgrad import SequenceConv
 
     weight = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
-    batch = WeightGradBatch(weight, None, 1, packed=True)
+    batch = SequenceConv(weight, None, 1, packed=True)
     packs = weakref.ref(batch.packs)
     h = torch.randn(2, 4, 5, 5)
     for _ in range(3):
@@ -308,7 +308,7 @@ def test_training_from_per_sequence_packs_gives_the_unpacked_gradients(cell, mon
 
 @pytest.mark.parametrize("kernel, with_bias", [(3, True), (5, False), (1, True)])
 def test_a_packed_sequence_gives_the_float64_gradients_in_float32(kernel, with_bias):
-    from convlstm.wgrad import WeightGradBatch
+    from convlstm.wgrad import SequenceConv
 
     torch.manual_seed(0)
     weight64 = torch.randn(4, 4, kernel, kernel, dtype=torch.float64) / kernel
@@ -320,7 +320,7 @@ def test_a_packed_sequence_gives_the_float64_gradients_in_float32(kernel, with_b
         weight = weight64.to(dtype).requires_grad_()
         bias = None if bias64 is None else bias64.to(dtype).requires_grad_()
         x0 = x64.to(dtype).requires_grad_()
-        batch = WeightGradBatch(weight, bias, kernel // 2, packed=packs)
+        batch = SequenceConv(weight, bias, kernel // 2, packed=packs)
         assert (batch.packs is not None) == packs
         h, loss = x0, 0.0
         for t in range(3):

@@ -32,6 +32,8 @@ class RecurrentCell(nn.Module):
     # the convolutions' weight gradients made once per sequence (convlstm.wgrad), for the
     # cells whose open_sequence supports it (ConvLSTM, ConvGRU, ConvRNN)
     batched_wgrad = False
+    # each step's input gradient as a forward convolution with the flipped filter (same cells)
+    forward_dgrad = False
     sequence_conv = None  # what open_sequence made, while a sequence is open (sequence_scope)
 
     def __init__(self, *, in_channels: int, hidden_channels: int, kernel_size: int) -> None:
@@ -94,6 +96,11 @@ class RecurrentCell(nn.Module):
             return False
         weight = self.first_parameter() if weight is None else weight
         return not torch.is_autocast_enabled(weight.device.type)
+
+    def sequence_grads_now(self) -> bool:
+        """Whether the convolutions of a sequence opened now make their gradients through
+        convlstm.wgrad (batched_wgrad or forward_dgrad, while grad is enabled)."""
+        return (self.batched_wgrad or self.forward_dgrad) and torch.is_grad_enabled()
 
     def packs_now(self, weight: Tensor | None = None) -> bool:
         """Whether the convolutions run from kept packs now (convlstm.packed): with `packed`,

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from convlstm import packed, winograd
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, with_input
 from convlstm.errors import ConfigError
-from convlstm.wgrad import WeightGradBatch
+from convlstm.wgrad import SequenceConv
 
 
 class _GRUUpdate(nn.Module):
@@ -81,13 +81,14 @@ class ConvGRUCell(RecurrentCell):
 
     def open_sequence(self) -> tuple | None:
         """(W_x * ., W_h * .) for the steps of one sequence (see sequence_scope): by Winograd,
-        each filter transformed once, or with batched_wgrad (while grad is enabled) each
-        weight's gradient made once; None for the plain conv_x and conv_h."""
+        each filter transformed once, or with batched_wgrad / forward_dgrad (while grad is
+        enabled) their gradients made through convlstm.wgrad; None for the plain conv_x and
+        conv_h."""
         if self.winograd_now():
             batch_grad = not self.checkpointing
             return self._convs(lambda c: winograd.sequence_conv(c, batch_grad=batch_grad))
-        if self.batched_wgrad and torch.is_grad_enabled():
-            return self._convs(lambda c: _batched_conv(c, self.packed))
+        if self.sequence_grads_now():
+            return self._convs(lambda c: _sequence_conv(self, c))
         return None
 
     def step_convs(self, make) -> tuple:
@@ -99,14 +100,17 @@ class ConvGRUCell(RecurrentCell):
     # The hoisted form (convlstm.speed): the input convolution for many frames at once.
     def split_weights(self) -> tuple | None:
         """The two convolutions are separate already: None, or open_sequence's (Winograd's,
-        or with batched_wgrad a plain W_x, which runs once over all frames, and a batched
-        W_h; without autograd, with `packed`, both from kept packs)."""
+        or with batched_wgrad / forward_dgrad W_x, which runs once over all frames and has
+        no steps to batch, and W_h through convlstm.wgrad; without autograd, with `packed`,
+        both from kept packs)."""
         if not self.winograd_now() and self.packs_now():
             return self._convs(packed.step_conv)
-        if self.winograd_now() or not (self.batched_wgrad and torch.is_grad_enabled()):
+        if self.winograd_now() or not self.sequence_grads_now():
             return self.open_sequence()
-        # W_x: one call over all frames, nothing to batch
-        return (self.conv_x, _batched_conv(self.conv_h, self.packed))
+        return (
+            None if self.conv_x is None else _sequence_conv(self, self.conv_x, batch=False),
+            _sequence_conv(self, self.conv_h),
+        )
 
     def project_input(self, x: Tensor, weights: tuple | None = None) -> Tensor:
         """W_x * x + b for frames x (N, C_in, H, W) -> (N, 3C, H, W)."""
@@ -126,10 +130,22 @@ class ConvGRUCell(RecurrentCell):
         return (self.update(from_x, conv_h(h), h),)
 
 
-def _batched_conv(conv: nn.Conv2d, packed: bool = False):
-    """x -> conv(x) for one sequence, its weight and bias gradients made once (wgrad); with
-    `packed`, from the weight packed once for oneDNN (convlstm.packed, the CPU)."""
-    return WeightGradBatch(conv.weight, conv.bias, conv.padding[0], packed).conv
+def _sequence_conv(cell: RecurrentCell, conv: nn.Conv2d, batch: bool = True):
+    """x -> conv(x) for one sequence of `cell`'s steps, its gradients made through
+    convlstm.wgrad as the cell's options say: the weight's and bias's once (with batch and
+    batched_wgrad; with `packed`, from the weight packed once for oneDNN, the CPU), the
+    input's by a forward convolution (forward_dgrad); plain where neither applies."""
+    batch = batch and cell.batched_wgrad
+    if not (batch or cell.forward_dgrad):
+        return conv
+    return SequenceConv(
+        conv.weight,
+        conv.bias,
+        conv.padding[0],
+        batch_wgrad=batch,
+        forward_dgrad=cell.forward_dgrad,
+        packed=cell.packed,
+    ).conv
 
 
 def warp(h: Tensor, flow: Tensor) -> Tensor:
@@ -244,12 +260,12 @@ class ConvRNNCell(RecurrentCell):
 
     def open_sequence(self):
         """W * . for the steps of one sequence (see sequence_scope): by Winograd, the filter
-        transformed once, or with batched_wgrad (while grad is enabled) its gradient made
-        once; None for the plain self.conv."""
+        transformed once, or with batched_wgrad / forward_dgrad (while grad is enabled) its
+        gradients made through convlstm.wgrad; None for the plain self.conv."""
         if self.winograd_now():
             return winograd.sequence_conv(self.conv, batch_grad=not self.checkpointing)
-        if self.batched_wgrad and torch.is_grad_enabled():
-            return _batched_conv(self.conv, self.packed)
+        if self.sequence_grads_now():
+            return _sequence_conv(self, self.conv)
         return None
 
     def step_convs(self, make):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from convlstm import packed, winograd
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, gate_bias, with_input
 from convlstm.errors import ConfigError, ShapeError
-from convlstm.wgrad import WeightGradBatch
+from convlstm.wgrad import SequenceConv
 from convlstm.winograd import WinogradSequence
 
 Conv = Callable[[Tensor], Tensor]
@@ -103,7 +103,7 @@ class ConvLSTMCell(RecurrentCell):
         for the plain self.conv."""
         if self.winograd_now():
             return self._winograd(self.conv.bias)
-        if self.batched_wgrad and torch.is_grad_enabled():
+        if self.sequence_grads_now():
             return self._sequence_conv(self.conv.weight, self.conv.bias)
         return None
 
@@ -120,10 +120,19 @@ class ConvLSTMCell(RecurrentCell):
         )
 
     def _sequence_conv(self, weight: Tensor, bias: Tensor | None, batch: bool = True) -> Conv:
-        """x -> W * x + b for one sequence, with (batch, and batched_wgrad while grad is
-        enabled) the weight gradient batched over the steps."""
-        if batch and self.batched_wgrad and torch.is_grad_enabled():
-            return WeightGradBatch(weight, bias, self.kernel_size // 2, self.packed).conv
+        """x -> W * x + b for one sequence, its gradients made through convlstm.wgrad while
+        grad is enabled: the weight's batched over the steps (with batch and batched_wgrad),
+        the input's as a forward convolution (forward_dgrad)."""
+        batch = batch and self.batched_wgrad
+        if (batch or self.forward_dgrad) and torch.is_grad_enabled():
+            return SequenceConv(
+                weight,
+                bias,
+                self.kernel_size // 2,
+                batch_wgrad=batch,
+                forward_dgrad=self.forward_dgrad,
+                packed=self.packed,
+            ).conv
         return lambda x: F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
 
     # The hoisted form (convlstm.speed): W * [x, h] = W_x * x + W_h * h, so the input part can
@@ -133,7 +142,8 @@ class ConvLSTMCell(RecurrentCell):
         dtype if autocast is on (so the per-step convolutions neither copy nor cast them),
         Winograd-transformed with `winograd` (one transform of W for both, shared with the
         forecast steps' W inside a winograd.shared_transforms scope); W_h's gradient batched
-        with `batched_wgrad`; without autograd, with `packed`, both from kept packs."""
+        with `batched_wgrad`; both input gradients by forward convolutions with
+        `forward_dgrad`; without autograd, with `packed`, both from kept packs."""
         if self.winograd_now():
             n, c = self.in_channels, self.conv.weight.shape[1]
             with winograd.shared_transforms():  # one transform serves both parts
