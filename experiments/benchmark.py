@@ -93,6 +93,13 @@ VARIANTS: dict[str, tuple[str, Options]] = {
         "auto",
         _fast(hoist=False, batched_wgrad=True, winograd=False),
     ),
+    # each recurrent convolution's input gradient as a forward convolution (for CUDA; on the
+    # CPU without Winograd and packs, which it replaces)
+    "fast-with-forward-dgrad": ("auto", _fast(forward_dgrad=True, winograd=False, packed=False)),
+    "fast-with-batched-wgrad-forward-dgrad": (
+        "auto",
+        _fast(batched_wgrad=True, forward_dgrad=True, winograd=False, packed=False),
+    ),
     "fast-no-native-gates": ("auto", _fast(native_gates=False)),
     "fast-no-packed": ("auto", _fast(packed=False)),  # inference: F.conv2d at every step
     "fast-no-fused-optimizer": ("auto", _fast(fused_optimizer=False)),
@@ -115,6 +122,8 @@ DEFAULT_VARIANTS = {
         "fast-no-hoist",
         "fast-with-batched-wgrad",
         "fast-no-hoist-batched-wgrad",
+        "fast-with-forward-dgrad",
+        "fast-with-batched-wgrad-forward-dgrad",
         "fast-checkpointing",
     ],
     "cpu": [

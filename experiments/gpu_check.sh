@@ -76,7 +76,8 @@ if [[ "$device" == cuda* ]]; then
     part pytest-gpu 100 "$python" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
         tests/test_radar_synthetic.py tests/test_verification.py
 fi
-training=(eager-bf16 fast fast-no-hoist fast-with-batched-wgrad fast-no-hoist-batched-wgrad)
+training=(eager-bf16 fast fast-no-hoist fast-with-batched-wgrad fast-with-forward-dgrad
+    fast-with-batched-wgrad-forward-dgrad)
 inference=(eager-bf16 fast fast-no-fused-gates fast-no-graph)
 if [[ "$device" != cuda* ]]; then training=(eager-fp32 fast) inference=(eager-fp32 fast); fi
 # (session 5's H100 measured the other variants: eager fp32, without the graph, without

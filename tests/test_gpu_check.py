@@ -45,3 +45,23 @@ def test_a_failing_part_fails_the_check(tmp_path):
     assert run.returncode == 1
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "memory-traffic rc=2" in summary
+
+
+def test_the_variants_the_gpu_run_names_exist_and_resolve_on_cuda(monkeypatch):
+    """A misspelt or invalid variant would cost the GPU call its benchmark: each of the CUDA
+    lists in the script is a benchmark variant whose options pass the CUDA check."""
+    import re
+
+    import torch
+
+    from experiments import benchmark
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    text = SCRIPT.read_text()
+    cuda = torch.device("cuda")
+    for kind in ("training", "inference"):
+        names = re.search(rf"^{kind}=\(([^)]*)\)", text, re.MULTILINE).group(1).split()
+        assert names and len(set(names)) == len(names)
+        for name in names:
+            assert name in benchmark.VARIANTS, name
+            benchmark.resolve_variant(name, cuda)[1].check(cuda)

@@ -1,6 +1,7 @@
 """The fast path computes what the eager reference computes (outputs and gradients), the
 streaming predictor equals model.step, and a time budget sizes the run."""
 
+import dataclasses
 import json
 
 import pytest
@@ -1032,6 +1033,11 @@ def test_every_default_cuda_variant_resolves_to_options_valid_on_cuda(monkeypatc
     assert resolved["fast"] == ("bf16", SpeedOptions.for_path("fast", cuda, False, torch.bfloat16))
     combined = resolved["fast-no-hoist-batched-wgrad"][1]
     assert combined.batched_wgrad and not combined.hoist and combined.cuda_graph
+    both = resolved["fast-with-batched-wgrad-forward-dgrad"][1]
+    assert both.batched_wgrad and both.forward_dgrad and both.hoist and both.cuda_graph
+    assert resolved["fast-with-forward-dgrad"][1] == dataclasses.replace(
+        resolved["fast"][1], forward_dgrad=True
+    )
     # streaming and forecasts: eager, and the fast path with and without its graphs
     inference = benchmark.default_inference_variants(names, cuda)
     assert inference == ["eager-fp32", "eager-bf16", "fast", "fast-no-graph"]
