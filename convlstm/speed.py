@@ -142,8 +142,8 @@ class SpeedOptions:
         device in experiments/benchmark.
 
         On CUDA (H100, ConvLSTM-S: 2.8x eager bf16 at batch 16, 1.1x at batch 64): all of
-        them but batched_wgrad, not yet measured on a GPU, and winograd and native_gates,
-        which are for the CPU.
+        them but batched_wgrad and forward_dgrad, not yet measured on a GPU, and winograd,
+        native_gates and packed, which are for the CPU.
 
         On a CPU under bf16 autocast (where AMX units run bf16 convolutions at 4-9x
         the float32 rate): hoisting; channels-last, the layout of oneDNN's fastest bf16

@@ -697,7 +697,7 @@ def _figures(x: float, width: int) -> str:
 
 
 def _train_line(e: dict[str, Any]) -> str:
-    head = f"{e['variant']:<27} {e['precision']:<5} {e['batch']:>5}"
+    head = f"{e['variant']:<38} {e['precision']:<5} {e['batch']:>5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
     gib = e["peak_memory_gib"]
@@ -709,7 +709,7 @@ def _train_line(e: dict[str, Any]) -> str:
 
 
 def _infer_line(e: dict[str, Any]) -> str:
-    head = f"{e['variant']:<27} {e['precision']:<5}"
+    head = f"{e['variant']:<38} {e['precision']:<5}"
     if "error" in e:
         return f"{head}  failed: {e['error']}"
     stream = "-" if e["stream_step_ms"] is None else f"{e['stream_step_ms']:.3f}"
@@ -730,7 +730,7 @@ def _print_table(report: dict[str, Any]) -> None:
         f"{report['flops_per_train_sequence'] / 1e9:.1f} GFLOP per training sequence"
     )
     print(
-        f"{'training path':<27} {'prec':<5} {'batch':>5} {'seq/s':>10} {'TFLOP/s':>8} "
+        f"{'training path':<38} {'prec':<5} {'batch':>5} {'seq/s':>10} {'TFLOP/s':>8} "
         f"{'ceiling':>8} {'peak MiB':>8} {'warm s':>8}"
     )
     for entry in report["training"]:
@@ -744,7 +744,7 @@ def _print_table(report: dict[str, Any]) -> None:
                 print(f"fast / {reference} at batch {batch}: {rate / rates[reference, batch]:.2f}x")
     if report["inference"]:
         print(
-            f"{'inference path':<27} {'prec':<5} {'stream ms/step':>12} "
+            f"{'inference path':<38} {'prec':<5} {'stream ms/step':>12} "
             f"{'forecast seq/s':>14}  compiled (batch 1 / {report['forecast_batch']})"
         )
         for entry in report["inference"]:

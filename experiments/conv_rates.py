@@ -13,7 +13,8 @@ CPU (the float32 fast path's; not bf16, which AMX CPUs train in), TFLOP/s of:
 - data gradient: the library's convolution backward for the input alone (cuDNN's dgrad on
   CUDA), and the same gradient as a forward convolution of the output gradient with the
   filter transposed and flipped (equal in exact arithmetic; the largest difference is
-  printed and saved), which may run other, faster kernels;
+  printed and saved), which may run other, faster kernels (the fast path's forward_dgrad
+  option makes it so);
 - weight gradient: per step (as autograd makes it), and once over all the sequence's steps
   stacked along the batch (convlstm.wgrad's batched_wgrad), per step's worth of work.
 On CUDA each figure is GPU time: 16 calls captured as one CUDA graph, its replays timed (no

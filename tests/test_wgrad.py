@@ -284,9 +284,7 @@ def test_model_with_forward_dgrad_equals_eager_in_float64(overrides, hoist, batc
     assert_fast_equals_eager(convlstm_config(overrides), options)
 
 
-@pytest.mark.parametrize(
-    "cell, hoist", [("convgru", True), ("convgru", False), ("convrnn", False)]
-)
+@pytest.mark.parametrize("cell, hoist", [("convgru", True), ("convgru", False), ("convrnn", False)])
 def test_gru_and_rnn_cells_with_forward_dgrad_equal_eager(cell, hoist):
     config = ModelConfig(hidden_channels=(6, 5), kernel_size=3, patch_size=2, cell=cell)
     options = SpeedOptions(hoist=hoist, forward_dgrad=True)
