@@ -38,29 +38,35 @@ def test_auto_precision_is_bf16_on_cuda(tmp_path):
     assert resolve_precision("auto", device)[0] == torch.bfloat16
 
 
-def _fast_path_batches_weight_grads(monkeypatch) -> None:
-    """TrainConfig.path="fast" with SpeedOptions.batched_wgrad on (off by default)."""
+def _fast_path_with(monkeypatch, **changes: bool) -> None:
+    """TrainConfig.path="fast" with `changes` to its SpeedOptions (e.g. batched_wgrad, off by
+    default)."""
     for_path = SpeedOptions.for_path
     monkeypatch.setattr(
         SpeedOptions,
         "for_path",
         classmethod(
             lambda cls, path, dev, checkpointing=False, amp_dtype=None: dataclasses.replace(
-                for_path(path, dev, checkpointing, amp_dtype), batched_wgrad=path == "fast"
+                for_path(path, dev, checkpointing, amp_dtype),
+                **(changes if path == "fast" else {}),
             )
         ),
     )
 
 
-@pytest.mark.parametrize("batched_wgrad", [False, True], ids=["", "batched-wgrad"])
-def test_fast_path_with_a_cuda_graph_follows_eager_training(tmp_path, monkeypatch, batched_wgrad):
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"batched_wgrad": True}, {"batched_wgrad": True, "forward_dgrad": True}],
+    ids=["", "batched-wgrad", "batched-wgrad-forward-dgrad"],
+)
+def test_fast_path_with_a_cuda_graph_follows_eager_training(tmp_path, monkeypatch, changes):
     """fp32, scheduled sampling active for the first steps (the graph reads a mask), then
     off (an all-False mask): the graphed run follows the eager one; also with the gate
-    weights' gradients batched over time (convlstm.wgrad) inside the graph."""
+    weights' gradients batched over time and the input gradients made as forward
+    convolutions (convlstm.wgrad) inside the graph."""
     device = cuda_or_skip()
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 convolutions
-    if batched_wgrad:
-        _fast_path_batches_weight_grads(monkeypatch)
+    _fast_path_with(monkeypatch, **changes)
     runs = {
         path: _train(
             tmp_path,
@@ -74,7 +80,8 @@ def test_fast_path_with_a_cuda_graph_follows_eager_training(tmp_path, monkeypatc
         for path in ("eager", "fast")
     }
     assert "cuda_graph" in runs["fast"]["speed"] and runs["eager"]["speed"] == "eager"
-    assert ("batched_wgrad" in runs["fast"]["speed"]) == batched_wgrad
+    for name in ("batched_wgrad", "forward_dgrad"):
+        assert (name in runs["fast"]["speed"]) == (name in changes)
     eager = torch.tensor([loss for _, loss in runs["eager"]["losses"]])
     fast = torch.tensor([loss for _, loss in runs["fast"]["losses"]])
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-6)
@@ -104,7 +111,7 @@ def test_bf16_fast_training_lowers_the_loss(tmp_path):
 
 def test_bf16_graphed_training_with_batched_weight_grads_lowers_the_loss(tmp_path, monkeypatch):
     cuda_or_skip()
-    _fast_path_batches_weight_grads(monkeypatch)
+    _fast_path_with(monkeypatch, batched_wgrad=True)
     result = _bf16_fast_run(tmp_path, "bf16-batched")
     assert "cuda_graph" in result["speed"] and "batched_wgrad" in result["speed"]
 
