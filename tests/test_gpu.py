@@ -109,11 +109,16 @@ def test_bf16_fast_training_lowers_the_loss(tmp_path):
     _bf16_fast_run(tmp_path, "bf16", activation_checkpointing=True)
 
 
-def test_bf16_graphed_training_with_batched_weight_grads_lowers_the_loss(tmp_path, monkeypatch):
+@pytest.mark.parametrize("option", ["batched_wgrad", "forward_dgrad"])
+def test_bf16_graphed_training_with_a_gradient_option_lowers_the_loss(
+    tmp_path, monkeypatch, option
+):
+    """bf16, channels-last, inside the graph: batched weight gradients, or input gradients as
+    forward convolutions (with the weights' gradients made step by step)."""
     cuda_or_skip()
-    _fast_path_with(monkeypatch, batched_wgrad=True)
-    result = _bf16_fast_run(tmp_path, "bf16-batched")
-    assert "cuda_graph" in result["speed"] and "batched_wgrad" in result["speed"]
+    _fast_path_with(monkeypatch, **{option: True})
+    result = _bf16_fast_run(tmp_path, option)
+    assert "cuda_graph" in result["speed"] and option in result["speed"]
 
 
 def test_bf16_graphed_training_of_an_encoder_forecaster_lowers_the_loss(tmp_path):

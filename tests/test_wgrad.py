@@ -261,10 +261,11 @@ def test_forward_dgrad_keeps_the_channels_last_layout_and_autocasts_dtype():
     assert made.turned.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     grad = torch.randn_like(out)
-    (dx,) = torch.autograd.grad(out, x, grad)
-    (dx_e,) = torch.autograd.grad(expected, x, grad)
-    assert dx.dtype == dx_e.dtype == torch.float32
+    dx, dw = torch.autograd.grad(out, (x, weight), grad)
+    dx_e, dw_e = torch.autograd.grad(expected, (x, weight), grad)
+    assert dx.dtype == dx_e.dtype == dw.dtype == torch.float32
     torch.testing.assert_close(dx, dx_e, rtol=2e-2, atol=2e-2)  # bf16 sums in another order
+    torch.testing.assert_close(dw, dw_e, rtol=0, atol=0)  # the same call makes both
 
 
 def test_forward_dgrad_refuses_a_second_order_graph_by_its_name():
@@ -295,9 +296,29 @@ def test_gru_and_rnn_cells_with_forward_dgrad_equal_eager(cell, hoist):
     assert_fast_equals_eager(ef, options)
 
 
-def test_forward_dgrad_with_checkpointing_equals_eager():
-    options = SpeedOptions(hoist=True, checkpointing=True, forward_dgrad=True)
-    assert_fast_equals_eager(convlstm_config({}), options)
+@pytest.mark.parametrize(
+    "cell, hoist",
+    [("convlstm", True), ("convlstm", False), ("convgru", True), ("convrnn", False)],
+)
+def test_forward_dgrad_with_checkpointing_equals_eager(cell, hoist):
+    """Each step recomputed in backward runs the sequence's convolutions again."""
+    options = SpeedOptions(hoist=hoist, checkpointing=True, forward_dgrad=True)
+    assert_fast_equals_eager(convlstm_config({"cell": cell}), options)
+
+
+@pytest.mark.parametrize("batch_wgrad", [False, True], ids=["per-step-wgrad", "batched-wgrad"])
+def test_forward_dgrad_with_a_frozen_weight_makes_the_input_gradient_alone(batch_wgrad):
+    torch.manual_seed(0)
+    weight = torch.randn(3, 3, 3, 3, dtype=torch.float64)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x0 = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    extra = torch.randn(4, 2, 3, 5, 6, dtype=torch.float64)
+    loss = _recurrence(lambda h: F.conv2d(h, weight, bias, padding=1), weight, 4, x0, extra)
+    expected = torch.autograd.grad(loss, [x0, bias])
+    conv = SequenceConv(weight, bias, 1, batch_wgrad=batch_wgrad, forward_dgrad=True).conv
+    got = torch.autograd.grad(_recurrence(conv, weight, 4, x0, extra), [x0, bias])
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("cell", ["convlstm", "convgru", "convrnn"])
