@@ -198,6 +198,9 @@ class TrainStep:
         self.loss_fn = get_loss(cfg.loss)
         self.graphed: GraphedStep | None = None
         self.no_teacher: Tensor | None = None  # the all-False mask the graph reads, made once
+        # autocast keeps its casts of the weights for the step, except in a graph's capture,
+        # where each use casts again (experiments.memory_traffic sets it to trace that)
+        self.autocast_cache = not speed.cuda_graph
 
     def forward_loss(self, batch: Tensor, mask: Tensor | None) -> Tensor:
         """The training loss of one batch (B, T, C, H, W) under the teacher mask."""
@@ -207,7 +210,7 @@ class TrainStep:
         target = batch[:, cfg.context_frames : frames_needed]  # (B, horizon, C, H, W)
         # shared_transforms: the CPU fast path transforms each Winograd filter once per step
         with (
-            autocast(self.device, self.amp_dtype, cache=not self.speed.cuda_graph),
+            autocast(self.device, self.amp_dtype, cache=self.autocast_cache),
             winograd.shared_transforms(),
         ):
             if cfg.loss_on_context:

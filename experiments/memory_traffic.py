@@ -2,6 +2,7 @@
 
     python -m experiments.memory_traffic --variant fast --batch 64          # on a GPU
     python -m experiments.memory_traffic --device cpu --preset mmnist-cpu-small --batch 4
+    python -m experiments.memory_traffic --device cpu --options-of cuda     # the GPU's path
 
 A kernel profile (experiments.benchmark --profile) says how much time copies take; this says
 which line of the model makes them. One training step of a benchmark variant runs under a
@@ -10,8 +11,14 @@ sum is grouped by where it comes from: for the forward, the deepest frame in thi
 for the backward, the forward line that made the autograd node (anomaly mode records it).
 Each row gives the phase, the operator, the input layouts (C contiguous, CL channels-last,
 S strided: neither, which the GPU copies element by element), the calls and the bytes
-written. Under the trace compiled kernels run eagerly, so the fast path's fused gate
-arithmetic (convlstm/gates.py) shows operators that on the GPU are inside one kernel.
+written, and the last lines sum them up by kind. Under the trace compiled kernels run
+eagerly, so the fast path's fused gate arithmetic (convlstm/gates.py) shows operators that
+on the GPU are inside one kernel.
+
+A variant with a CUDA graph is traced without it, but with autocast as the graph runs it:
+no cache, so each use of a weight casts it again. `--options-of cuda` traces, on this
+device, the options the variant has on CUDA (bf16 where its precision is "auto"): the
+GPU's operators and bytes, as far as they do not depend on the device, without a GPU.
 """
 
 from __future__ import annotations
@@ -29,13 +36,14 @@ from convlstm.config import PRESETS, from_name
 from convlstm.errors import ConfigError
 from convlstm.models import build_model
 from convlstm.speed import apply_speed
-from convlstm.training import resolve_device
+from convlstm.training import resolve_device, resolve_precision
 from experiments.benchmark import VARIANTS, _train_step, resolve_variant, train_config
 
 # operators that only move or cast memory; the sums are counted in backward only (where
 # they are autograd adding the gradients of a tensor used more than once)
 MOVERS = ("copy_", "_to_copy", "clone", "cat", "stack", "fill_", "zero_", "zeros_like")
 SUMS = ("add", "add_")
+KINDS = {"_to_copy": "casts", "copy_": "copies", "clone": "copies", "cat": "cats", "stack": "cats"}
 ROOT = Path(__file__).resolve().parent.parent
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
@@ -119,6 +127,15 @@ def report(trace: TrafficTrace, top: int) -> str:
             f"{size / 1e6:9.1f} {trace.rows[key]:6d}  {phase:<9} {name:<9} {inputs}  <- {site}"
         )
     strided = sum(size for key, size in trace.bytes.items() if ":S" in key[3])
+    kinds: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for key, size in trace.bytes.items():
+        kind = KINDS.get(key[2], "sums" if key[2] in SUMS else "fills")
+        kinds[kind] += size
+        calls[kind] += trace.rows[key]
+    lines.append(
+        "by kind: " + ", ".join(f"{k} {kinds[k] / 1e6:.1f} MB in {calls[k]}" for k in sorted(kinds))
+    )
     lines.append(
         f"total {total / 1e6:.1f} MB written in {sum(trace.rows.values())} calls; "
         f"{strided / 1e6:.1f} MB of it read from strided (S) inputs"
@@ -134,12 +151,26 @@ def main(argv=None) -> TrafficTrace:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--top", type=int, default=25, help="rows to print, most bytes first")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--options-of",
+        choices=["device", "cuda"],
+        default="device",
+        help="the variant's options on the device that runs the trace, or on CUDA (bf16 "
+        "where its precision is auto), traced here",
+    )
     args = parser.parse_args(argv)
     if args.batch < 1 or args.top < 1:
         raise ConfigError("--batch and --top must be positive")
     device = resolve_device(args.device)
-    precision, options = resolve_variant(args.variant, device)
-    options.check(device)
+    if args.options_of == "cuda" and device.type != "cuda":
+        precision, make = VARIANTS[args.variant]
+        precision = "bf16" if precision == "auto" else precision
+        options = make(torch.device("cuda"), resolve_precision(precision, device)[0])
+        options.check(torch.device("cuda"))
+    else:
+        precision, options = resolve_variant(args.variant, device)
+        options.check(device)
+    graphed = options.cuda_graph
     # the graph would hide every operator behind one replay: trace the same step without it
     options = dataclasses.replace(options, cuda_graph=False)
     torch.manual_seed(0)
@@ -147,10 +178,13 @@ def main(argv=None) -> TrafficTrace:
     model = apply_speed(build_model(model_cfg).to(device), options)
     cfg = train_config(args.batch, precision, device, model_cfg)
     step = _train_step(model, model_cfg, cfg, options, device)
+    step.autocast_cache = not graphed  # autocast as the graph runs it
     batch = torch.rand(args.batch, 20, model_cfg.in_channels, 64, 64, device=device)
     step(batch, None)  # warm: lazy state, cuDNN's choices
     trace = trace_step(step, batch)
-    print(f"{args.preset}, {args.variant} without the graph, batch {args.batch}, {device}:")
+    made = f" with its options on {args.options_of}" if args.options_of == "cuda" else ""
+    graph = " without the graph (autocast uncached, as in it)" if graphed else ""
+    print(f"{args.preset}, {args.variant}{made}{graph}, {precision}, batch {args.batch}, {device}:")
     print(report(trace, args.top))
     return trace
 

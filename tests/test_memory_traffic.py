@@ -1,6 +1,8 @@
 """experiments.memory_traffic: which operators of a training step only move memory, and which
 line of the model they come from (forward) or which forward line made their autograd node."""
 
+import re
+
 import pytest
 import torch
 
@@ -38,8 +40,65 @@ def test_a_training_step_is_traced_to_the_lines_of_the_model(capsys):
     assert ("forward", "cat", "convlstm/cells/base.py") in sites  # with_input's [x, h]
     assert ("backward", "stack", "UnbindBackward0 of convlstm/layers.py") in sites
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 + 1 + 6 + 1  # title, header, the top 6 rows, the total
+    assert len(out) == 1 + 1 + 6 + 2  # title, header, the top 6 rows, by kind, the total
     assert out[-1].startswith("total ") and "strided" in out[-1]
+    kinds = re.findall(r"(\w+) ([\d.]+) MB in (\d+)", out[-2])
+    assert out[-2].startswith("by kind: ") and {k for k, _, _ in kinds} <= {
+        "casts",
+        "copies",
+        "cats",
+        "fills",
+        "sums",
+    }
+    assert sum(int(n) for _, _, n in kinds) == sum(trace.rows.values())
+    total_mb = float(re.search(r"total ([\d.]+) MB", out[-1]).group(1))
+    assert sum(float(mb) for _, mb, _ in kinds) == pytest.approx(total_mb, abs=0.3)
+
+
+def _bf16_step(cache: bool):
+    from convlstm.config import from_name
+    from convlstm.models import build_model
+    from convlstm.speed import SpeedOptions
+    from experiments.benchmark import _train_step, train_config
+
+    torch.manual_seed(0)
+    config = from_name("mmnist-cpu-small")
+    cfg = train_config(2, "bf16", torch.device("cpu"), config)
+    step = _train_step(build_model(config), config, cfg, SpeedOptions(), torch.device("cpu"))
+    step.autocast_cache = cache
+    return step
+
+
+def test_a_graphs_uncached_autocast_casts_each_weight_at_each_use():
+    batch = torch.rand(2, 20, 1, 64, 64)
+    casts = {}
+    for cache in (True, False):
+        trace = memory_traffic.trace_step(_bf16_step(cache), batch)
+        casts[cache] = sum(
+            n
+            for (phase, _, name, _), n in trace.rows.items()
+            if phase == "forward" and name == "_to_copy"
+        )
+    # 2 layers x 19 steps use each gate weight and bias; cached, each is cast once a step
+    assert casts[False] - casts[True] >= 2 * 2 * (19 - 1)
+
+
+def test_the_gpus_options_are_traced_on_the_cpu(monkeypatch, capsys):
+    from convlstm import gates
+
+    # (the trace runs the compiled gate update's operators one by one anyway: skip compiling)
+    monkeypatch.setattr(
+        gates, "_compiled_kernels", lambda: (gates.gates_forward, gates.gates_backward)
+    )
+    argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch", "2", "--top", "40"]
+    trace = memory_traffic.main([*argv, "--options-of", "cuda"])
+    title = capsys.readouterr().out.splitlines()[0]
+    assert "fast with its options on cuda without the graph (autocast uncached" in title
+    assert ", bf16, batch 2, cpu:" in title
+    sites = {site.split(":")[0] for _, site, _, _ in trace.rows}
+    assert "convlstm/gates.py" in sites  # the compiled gate update's, not gates.c's
+    layouts = {inputs for _, _, _, inputs in trace.rows}
+    assert any("bfloat16:CL" in inputs for inputs in layouts)  # bf16, channels-last
 
 
 @pytest.mark.parametrize(
