@@ -99,6 +99,16 @@ def test_the_gpus_options_are_traced_on_the_cpu(monkeypatch, capsys):
     assert "convlstm/gates.py" in sites  # the compiled gate update's, not gates.c's
     layouts = {inputs for _, _, _, inputs in trace.rows}
     assert any("bfloat16:CL" in inputs for inputs in layouts)  # bf16, channels-last
+    # autocast uncached, as in the graph: each forecast step casts its gate bias again (2
+    # layers x 9 steps after the hoisted context), where a cache would cast it once a layer
+    bias_casts = sum(
+        n
+        for (phase, site, name, inputs), n in trace.rows.items()
+        if (phase, name, inputs) == ("forward", "_to_copy", "float32:C")
+        and site.startswith("convlstm/cells/lstm.py:")
+        and site.endswith(" step")
+    )
+    assert bias_casts == 2 * 9
 
 
 @pytest.mark.parametrize(
