@@ -16,9 +16,10 @@ eagerly, so the fast path's fused gate arithmetic (convlstm/gates.py) shows oper
 on the GPU are inside one kernel.
 
 A variant with a CUDA graph is traced without it, but with autocast as the graph runs it:
-no cache, so each use of a weight casts it again. `--options-of cuda` traces, on this
-device, the options the variant has on CUDA (bf16 where its precision is "auto"): the
-GPU's operators and bytes, as far as they do not depend on the device, without a GPU.
+no cache, so each use of a weight casts it again. `--options-of cuda` traces, on a CPU, the
+options the variant has on CUDA (bf16 where its precision is "auto"): the GPU path's
+operators and bytes without a GPU, as far as they do not depend on the device (autocast
+casts by the CPU's lists of operators, for one).
 """
 
 from __future__ import annotations
@@ -43,7 +44,19 @@ from experiments.benchmark import VARIANTS, _train_step, resolve_variant, train_
 # they are autograd adding the gradients of a tensor used more than once)
 MOVERS = ("copy_", "_to_copy", "clone", "cat", "stack", "fill_", "zero_", "zeros_like")
 SUMS = ("add", "add_")
-KINDS = {"_to_copy": "casts", "copy_": "copies", "clone": "copies", "cat": "cats", "stack": "cats"}
+# each of those operators' kind, for the summary line
+KINDS = {
+    "_to_copy": "casts",
+    "copy_": "copies",
+    "clone": "copies",
+    "cat": "cats",
+    "stack": "cats",
+    "fill_": "fills",
+    "zero_": "fills",
+    "zeros_like": "fills",
+    "add": "sums",
+    "add_": "sums",
+}
 ROOT = Path(__file__).resolve().parent.parent
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
@@ -130,7 +143,7 @@ def report(trace: TrafficTrace, top: int) -> str:
     kinds: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     for key, size in trace.bytes.items():
-        kind = KINDS.get(key[2], "sums" if key[2] in SUMS else "fills")
+        kind = KINDS[key[2]]
         kinds[kind] += size
         calls[kind] += trace.rows[key]
     lines.append(

@@ -51,6 +51,9 @@ def test_a_training_step_is_traced_to_the_lines_of_the_model(capsys):
         "sums",
     }
     assert sum(int(n) for _, _, n in kinds) == sum(trace.rows.values())
+    casts = sum(n for (_, _, name, _), n in trace.rows.items() if name == "_to_copy")
+    assert {k: int(n) for k, _, n in kinds}.get("casts", 0) == casts
+    assert set(memory_traffic.KINDS) == set(memory_traffic.MOVERS) | set(memory_traffic.SUMS)
     total_mb = float(re.search(r"total ([\d.]+) MB", out[-1]).group(1))
     assert sum(float(mb) for _, mb, _ in kinds) == pytest.approx(total_mb, abs=0.3)
 
@@ -83,7 +86,19 @@ def test_a_graphs_uncached_autocast_casts_each_weight_at_each_use():
     assert casts[False] - casts[True] >= 2 * 2 * (19 - 1)
 
 
-def test_the_gpus_options_are_traced_on_the_cpu(monkeypatch, capsys):
+def _forecast_bias_casts(trace) -> int:
+    """Casts of a ConvLSTM gate bias by autocast in the forecast steps' [x, h] convolution."""
+    return sum(
+        n
+        for (phase, site, name, inputs), n in trace.rows.items()
+        if (phase, name, inputs) == ("forward", "_to_copy", "float32:C")
+        and site.startswith("convlstm/cells/lstm.py:")
+        and site.endswith(" step")
+    )
+
+
+@pytest.mark.parametrize("variant, casts", [("fast", 2 * 9), ("fast-no-graph", 0)])
+def test_the_gpus_options_are_traced_on_the_cpu(monkeypatch, capsys, variant, casts):
     from convlstm import gates
 
     # (the trace runs the compiled gate update's operators one by one anyway: skip compiling)
@@ -91,24 +106,18 @@ def test_the_gpus_options_are_traced_on_the_cpu(monkeypatch, capsys):
         gates, "_compiled_kernels", lambda: (gates.gates_forward, gates.gates_backward)
     )
     argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch", "2", "--top", "40"]
-    trace = memory_traffic.main([*argv, "--options-of", "cuda"])
+    trace = memory_traffic.main([*argv, "--options-of", "cuda", "--variant", variant])
     title = capsys.readouterr().out.splitlines()[0]
-    assert "fast with its options on cuda without the graph (autocast uncached" in title
-    assert ", bf16, batch 2, cpu:" in title
+    assert f"{variant} with its options on cuda" in title and ", bf16, batch 2, cpu:" in title
+    assert ("without the graph (autocast uncached, as in it)" in title) == (variant == "fast")
     sites = {site.split(":")[0] for _, site, _, _ in trace.rows}
     assert "convlstm/gates.py" in sites  # the compiled gate update's, not gates.c's
     layouts = {inputs for _, _, _, inputs in trace.rows}
     assert any("bfloat16:CL" in inputs for inputs in layouts)  # bf16, channels-last
-    # autocast uncached, as in the graph: each forecast step casts its gate bias again (2
-    # layers x 9 steps after the hoisted context), where a cache would cast it once a layer
-    bias_casts = sum(
-        n
-        for (phase, site, name, inputs), n in trace.rows.items()
-        if (phase, name, inputs) == ("forward", "_to_copy", "float32:C")
-        and site.startswith("convlstm/cells/lstm.py:")
-        and site.endswith(" step")
-    )
-    assert bias_casts == 2 * 9
+    # with the graph, autocast uncached as in it: each forecast step casts its gate bias
+    # again (2 layers x 9 steps after the hoisted context); without, the hoisted context's
+    # cast (elsewhere) serves them all
+    assert _forecast_bias_casts(trace) == casts
 
 
 @pytest.mark.parametrize(
