@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from convlstm import packed, winograd
 from convlstm.errors import ConfigError, ShapeError
+from convlstm.wgrad import SequenceConv
 
 NORMS = ("none", "layer", "group")
 
@@ -101,6 +102,27 @@ class RecurrentCell(nn.Module):
         """Whether the convolutions of a sequence opened now make their gradients through
         convlstm.wgrad (batched_wgrad or forward_dgrad, while grad is enabled)."""
         return (self.batched_wgrad or self.forward_dgrad) and torch.is_grad_enabled()
+
+    def wgrad_conv(
+        self, weight: Tensor, bias: Tensor | None, padding: int, batch: bool = True
+    ) -> Callable[[Tensor], Tensor] | None:
+        """x -> W * x + b for one sequence, its gradients made through convlstm.wgrad as the
+        options say while grad is enabled: the weight's and bias's once over the steps (with
+        `batch` and batched_wgrad; with `packed`, from the weight packed once for oneDNN, the
+        CPU), the input's by a forward convolution (forward_dgrad); None where neither
+        applies (a plain convolution then)."""
+        batch = batch and self.batched_wgrad
+        if not ((batch or self.forward_dgrad) and torch.is_grad_enabled()):
+            return None
+        made = SequenceConv(
+            weight,
+            bias,
+            padding,
+            batch_wgrad=batch,
+            forward_dgrad=self.forward_dgrad,
+            packed=self.packed,
+        )
+        return made.conv
 
     def packs_now(self, weight: Tensor | None = None) -> bool:
         """Whether the convolutions run from kept packs now (convlstm.packed): with `packed`,

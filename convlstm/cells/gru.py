@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from convlstm import packed, winograd
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, with_input
 from convlstm.errors import ConfigError
-from convlstm.wgrad import SequenceConv
 
 
 class _GRUUpdate(nn.Module):
@@ -131,21 +130,9 @@ class ConvGRUCell(RecurrentCell):
 
 
 def _sequence_conv(cell: RecurrentCell, conv: nn.Conv2d, batch: bool = True):
-    """x -> conv(x) for one sequence of `cell`'s steps, its gradients made through
-    convlstm.wgrad as the cell's options say: the weight's and bias's once (with batch and
-    batched_wgrad; with `packed`, from the weight packed once for oneDNN, the CPU), the
-    input's by a forward convolution (forward_dgrad); plain where neither applies."""
-    batch = batch and cell.batched_wgrad
-    if not (batch or cell.forward_dgrad):
-        return conv
-    return SequenceConv(
-        conv.weight,
-        conv.bias,
-        conv.padding[0],
-        batch_wgrad=batch,
-        forward_dgrad=cell.forward_dgrad,
-        packed=cell.packed,
-    ).conv
+    """conv for one sequence of `cell`'s steps, its gradients made as the cell's options say
+    (RecurrentCell.wgrad_conv), or the plain conv where none applies."""
+    return cell.wgrad_conv(conv.weight, conv.bias, conv.padding[0], batch) or conv
 
 
 def warp(h: Tensor, flow: Tensor) -> Tensor:

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from convlstm import packed, winograd
 from convlstm.cells.base import GateNorm, RecurrentCell, conv, gate_bias, with_input
 from convlstm.errors import ConfigError, ShapeError
-from convlstm.wgrad import SequenceConv
 from convlstm.winograd import WinogradSequence
 
 Conv = Callable[[Tensor], Tensor]
@@ -123,17 +122,8 @@ class ConvLSTMCell(RecurrentCell):
         """x -> W * x + b for one sequence, its gradients made through convlstm.wgrad while
         grad is enabled: the weight's batched over the steps (with batch and batched_wgrad),
         the input's as a forward convolution (forward_dgrad)."""
-        batch = batch and self.batched_wgrad
-        if (batch or self.forward_dgrad) and torch.is_grad_enabled():
-            return SequenceConv(
-                weight,
-                bias,
-                self.kernel_size // 2,
-                batch_wgrad=batch,
-                forward_dgrad=self.forward_dgrad,
-                packed=self.packed,
-            ).conv
-        return lambda x: F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
+        made = self.wgrad_conv(weight, bias, self.kernel_size // 2, batch)
+        return made or (lambda x: F.conv2d(x, weight, bias, padding=self.kernel_size // 2))
 
     # The hoisted form (convlstm.speed): W * [x, h] = W_x * x + W_h * h, so the input part can
     # be computed for many frames in one convolution, and W_h * h skipped while h is zero.
