@@ -33,6 +33,32 @@ def test_trace_counts_copies_with_their_bytes_and_sums_only_in_backward():
     assert any(phase == "backward" and name in ("add", "add_") for phase, _, name, _ in trace.rows)
 
 
+def test_what_the_compiled_gate_functions_dispatch_is_counted_apart(capsys):
+    from convlstm import gates
+
+    z = torch.randn(2, 8, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    c = torch.randn(2, 2, 3, 3, requires_grad=True)
+    trace = TrafficTrace()
+    with torch.autograd.set_detect_anomaly(True, check_nan=False), trace:
+        h, c_new = gates.fused_lstm_update(compiled=False)(z, c)  # eager: its casts show
+        (h.sum() + c_new.sum()).backward()
+        c.detach().clone()  # outside: a row
+    # forward: z cast to float32 (2*8*9 floats) and h, c' to their dtype (no-op casts
+    # included); backward: the recomputation's and the gradients' casts
+    assert trace.fused_calls >= 4 and trace.fused_bytes >= 2 * 8 * 9 * 4 * 2
+    assert [name for _, _, name, _ in trace.rows] == ["cat", "clone"]  # dz's, then the clone
+    assert [site.split(":")[0] for _, site, _, _ in trace.rows] == [
+        "_FusedUpdateBackward of convlstm/gates.py",
+        "(outside the model)",
+    ]
+    out = memory_traffic.report(trace, 5).splitlines()
+    assert out[-1] == (
+        f"not counted: {trace.fused_bytes / 1e6:.1f} MB in {trace.fused_calls} calls inside "
+        "the compiled gate functions, which run as one kernel per call"
+    )
+    assert out[-2].startswith("total ")
+
+
 def test_a_training_step_is_traced_to_the_lines_of_the_model(capsys):
     argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch", "2", "--top", "6"]
     trace = memory_traffic.main([*argv, "--variant", "fast-fp32"])
@@ -110,8 +136,9 @@ def test_the_gpus_options_are_traced_on_the_cpu(monkeypatch, capsys, variant, ca
     title = capsys.readouterr().out.splitlines()[0]
     assert f"{variant} with its options on cuda" in title and ", bf16, batch 2, cpu:" in title
     assert ("without the graph (autocast uncached, as in it)" in title) == (variant == "fast")
-    sites = {site.split(":")[0] for _, site, _, _ in trace.rows}
-    assert "convlstm/gates.py" in sites  # the compiled gate update's, not gates.c's
+    # the compiled gate update's operators (not gates.c's), counted apart: one kernel a call
+    assert trace.fused_calls > 0 and trace.fused_bytes > 0
+    assert not any(site.startswith("convlstm/gates.py") for _, site, _, _ in trace.rows)
     layouts = {inputs for _, _, _, inputs in trace.rows}
     assert any("bfloat16:CL" in inputs for inputs in layouts)  # bf16, channels-last
     # with the graph, autocast uncached as in it: each forecast step casts its gate bias
