@@ -12,9 +12,12 @@ from convlstm.units import balance_weights
 from convlstm.verification import BalancedErrors, ContingencyScores, box_sum
 from tests.conftest import cuda_or_skip
 
-detcat = pytest.importorskip("pysteps.verification.detcatscores")
-spatial = pytest.importorskip("pysteps.verification.spatialscores")
-ndimage = pytest.importorskip("scipy.ndimage")
+
+def reference(module: str):
+    """A reference library's module, imported by the tests that compare with it (the rest,
+    the GPU test among them, run where pysteps or scipy is missing, as on the GPU machine)."""
+    return pytest.importorskip(module)
+
 
 THRESHOLDS = (0.5, 2.0, 5.0)
 SCALES = (1, 2, 3, 4, 7)
@@ -66,6 +69,7 @@ def quiet_pysteps(fn, *args):
 def pysteps_table(pairs, thr):
     """pysteps contingency table over the finite pairs of (pred, obs) arrays (pysteps itself
     would count NaN pairs as non-events; our convention leaves them out)."""
+    detcat = reference("pysteps.verification.detcatscores")
     table = detcat.det_cat_fct_init(thr)
     for p, o in pairs:
         keep = np.isfinite(p) & np.isfinite(o)
@@ -74,6 +78,7 @@ def pysteps_table(pairs, thr):
 
 
 def pysteps_fss(fields, thr, scale):
+    spatial = reference("pysteps.verification.spatialscores")
     state = spatial.fss_init(thr, scale)
     for p, o in fields:
         spatial.fss_accum(state, p, o)
@@ -250,7 +255,7 @@ def test_reset_forgets_updates_and_lead_count():
 def test_box_sum_is_scipy_uniform_filter(size):
     rng = np.random.default_rng(size)
     x = (rng.random((2, 7, 11)) < 0.4).astype(np.int32)
-    ref = ndimage.uniform_filter(x[0].astype(float), size=size, mode="constant", cval=0.0)
+    ref = reference("scipy.ndimage").uniform_filter(x[0].astype(float), size=size, mode="constant", cval=0.0)
     got = box_sum(torch.from_numpy(x), size)[0].double().numpy() / size**2
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
 
