@@ -86,17 +86,29 @@ def _time(fn, device: torch.device, seconds: float) -> float:
         with torch.no_grad():
             graph, _ = capture_graph(lambda: [fn() for _ in range(calls)], device, warmup=1)
         fn = graph.replay
-    fn()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else lambda: None
+    return _rounds(fn, sync, seconds) / calls
+
+
+def _rounds(fn, sync, seconds: float) -> float:
+    """Median seconds of one fn() (finished by sync()) over 5 rounds of about `seconds` / 5,
+    after a warm-up call. Each round makes a count of calls fixed beforehand from one timed
+    call: fn may return before its work is done (a CUDA graph's replay), so a loop that
+    watched the clock would queue far more work than a round's time, then wait for all of it."""
+    fn()
     sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    once = time.perf_counter() - start
+    count = max(1, round(seconds / 5 / max(once, 1e-9)))
     times = []
     for _ in range(5):
-        count, start = 0, time.perf_counter()
-        while count == 0 or time.perf_counter() - start < seconds / 5:
+        start = time.perf_counter()
+        for _ in range(count):
             fn()
-            count += 1
-        sync()  # (the replays queued until then, timed to their end)
-        times.append((time.perf_counter() - start) / count / calls)
+        sync()  # (the calls queued until then, timed to their end)
+        times.append((time.perf_counter() - start) / count)
     return statistics.median(times)
 
 
@@ -175,11 +187,12 @@ def main(argv=None) -> list[dict[str, Any]]:
             results.append(entry)
             rates = " ".join(f"{entry['tflops'][h]:16.3g}" for h in head)
             print(f"{conv['conv']:<7} {conv['c_in']:>5} {conv['c_out']:>5} {batch:>5} {rates}")
+            if args.out is not None:  # after each entry: a run stopped early keeps what it has
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                report = {"device": name, "dtype": str(dtype), "rates": results}
+                args.out.write_text(json.dumps(report))
     worst = max(e["dgrad_difference"] for e in results)
     print(f"the two data gradients differ by at most {worst:.2g} (relative to the largest)")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": name, "dtype": str(dtype), "rates": results}))
     return results
 
 

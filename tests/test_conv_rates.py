@@ -49,6 +49,27 @@ def test_the_rates_count_one_steps_products(monkeypatch):
     assert rates["wgrad_batched"] == pytest.approx(3 * step)
 
 
+def test_rounds_make_a_fixed_count_of_calls_that_may_finish_only_at_sync(monkeypatch):
+    """Like a CUDA graph's replay, each call here only queues 10 ms of work, which sync()
+    waits for: the rounds must count their calls beforehand, not launch until the clock has
+    moved (that clock would not move; the call cap turns such a loop into a failure)."""
+    clock = {"now": 0.0, "queued": 0, "calls": 0}
+
+    def launch():
+        clock["calls"] += 1
+        assert clock["calls"] < 1000, "kept launching"
+        clock["queued"] += 1
+
+    def sync():
+        clock["now"] += 0.01 * clock["queued"]
+        clock["queued"] = 0
+
+    monkeypatch.setattr(conv_rates.time, "perf_counter", lambda: clock["now"])
+    assert conv_rates._rounds(launch, sync, 0.25) == pytest.approx(0.01)
+    # a warm-up call, one timed call, then 5 rounds of 0.05 s / 0.01 s = 5 calls
+    assert clock["calls"] == 2 + 5 * 5
+
+
 def test_a_cpu_run_writes_its_rates(tmp_path, capsys):
     out = tmp_path / "rates.json"
     argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch-sizes", "2"]
