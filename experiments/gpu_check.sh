@@ -2,37 +2,42 @@
 # Issue 3's GPU measurements in one call of about 9.5 minutes at most, for a lent GPU machine
 # (its own python3 and torch; no wandb; the project run from the tree, not installed):
 #
-#   OUT=/some/dir MNIST_DIR=.gpu/mnist PYTHONPATH=. bash experiments/gpu_check.sh
+#   RESULTS=/tmp/gpu-check ARCHIVE=$OUT/gpu-check.tgz MNIST_DIR=.gpu/mnist PYTHONPATH=. \
+#       bash experiments/gpu_check.sh
 #
 # In order: the GPU tests; the benchmark (eager bf16 against the fast path and the variants
 # still to be decided between, at batch 16 and 64; streaming and forecasts, also without
 # compiled gates and without graphs; the data generator); ConvLSTM-S trained for 2 minutes
 # (--time-budget 120) and scored on the fixed test set; the step convolutions' forward and
-# backward rates (experiments.conv_rates: the data gradient also as a forward convolution);
-# the fast path's memory traffic at batch 64. Each part runs under its own time limit (together under the device's 10 minutes
-# per call) and the next part runs whatever the last one did. Logs and JSON go to $OUT
-# (default gpu-check/) with a summary.txt of each part's exit status and seconds; the exit
-# status is 1 if any part failed.
+# backward rates (experiments.conv_rates: the data gradient also as a forward convolution).
+# Each part runs under its own time limit (together under the device's 10 minutes per call)
+# and the next part runs whatever the last one did. Logs and JSON go to $RESULTS (default
+# gpu-check/) with a summary.txt of each part's exit status and seconds; the exit status is
+# 1 if any part failed. ARCHIVE (a .tgz path outside RESULTS): RESULTS packed into it after
+# each part, so that one file holds everything (the device tool brings back at most 8 files)
+# and a call stopped at its limit keeps the parts done.
 #
 # Settings (environment): DEVICE, PRESET, BUDGET (s), SECONDS_PER_ENTRY (the benchmark's
 # --seconds), TRAIN_FLAGS (more flags for the budget run, e.g. "--lr 1e-3"), PARTS (which
-# parts run, of pytest-gpu benchmark budget-run conv-rates memory-traffic; e.g.
+# parts run, of pytest-gpu benchmark budget-run conv-rates memory-traffic; the last is not run
+# unless named, since `memory_traffic --options-of cuda` traces the GPU path on a CPU; e.g.
 # PARTS=budget-run to run one part again) and PYTHON. DEVICE=cpu with a small preset tries the
 # script out. MNIST_DIR: a folder of the four MNIST files (on the GPU machine a copy carried
 # along, e.g. in .gpu/, which .gitignore keeps out of git); without one the runs use the
-# digits embedded in the repo. The budget run writes into $OUT/budget-run, its checkpoint
-# (large) deleted at the end. Limits: 560 s for the parts plus 5 s of grace each, and 60 s at
-# most for the machine's description (seconds, normally): call it with timeout_s=600.
+# digits embedded in the repo. The budget run writes into $RESULTS/budget-run, its checkpoint
+# (large) deleted at the end. Limits: 565 s for the default parts plus 5 s of grace each, and
+# 60 s at most for the machine's description (seconds, normally): call it with timeout_s=600.
 set -u
 cd "$(dirname "$0")/.." || exit 2
-out=${OUT:-gpu-check}
+out=${RESULTS:-gpu-check}
+archive=${ARCHIVE:-}
 mnist=${MNIST_DIR:-../shared/data/mnist}
 device=${DEVICE:-cuda}
 preset=${PRESET:-mmnist-convlstm-s}
 budget=${BUDGET:-120}
 seconds=${SECONDS_PER_ENTRY:-2}
 python=${PYTHON:-python3}
-parts=" $(echo ${PARTS:-pytest-gpu benchmark budget-run conv-rates memory-traffic}) "
+parts=" $(echo ${PARTS:-pytest-gpu benchmark budget-run conv-rates}) "
 for name in $parts; do
     case $name in
     pytest-gpu | benchmark | budget-run | conv-rates | memory-traffic) ;;
@@ -43,12 +48,32 @@ for name in $parts; do
         ;;
     esac
 done
+if [ -n "$archive" ]; then
+    case $archive in
+    *.tgz) ;;
+    *)
+        echo "ARCHIVE: a .tgz path, got $archive"
+        exit 2
+        ;;
+    esac
+    archive=$(realpath -m "$archive")
+    if [[ "$archive" == "$(realpath -m "$out")"/* ]]; then
+        echo "ARCHIVE: must lie outside RESULTS ($out)"
+        exit 2
+    fi
+    mkdir -p "$(dirname "$archive")" || exit 2
+fi
 mkdir -p "$out" || exit 2
 : >"$out/summary.txt"
 export CONVLSTM_OFFLINE=1 PYTHONUNBUFFERED=1
 data=()
 if [ -d "$mnist" ]; then data=(--mnist-dir "$mnist"); fi
 failed=0
+
+pack() { # RESULTS into ARCHIVE, if asked for (a new file, then renamed: never half-written)
+    [ -n "$archive" ] || return 0
+    tar -czf "$archive.part" -C "$out" . && mv -f "$archive.part" "$archive"
+}
 
 part() { # part NAME LIMIT_S COMMAND...: run it, log it, note its status and time
     local name=$1 limit=$2
@@ -59,6 +84,7 @@ part() { # part NAME LIMIT_S COMMAND...: run it, log it, note its status and tim
     local rc=$?
     [ "$rc" = 0 ] || failed=1
     echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$out/summary.txt"
+    pack
 }
 
 {
@@ -71,10 +97,16 @@ experiments.moving_mnist; print('torch', torch.__version__, 'cuda', torch.versio
     [ ${#data[@]} -gt 0 ] && echo "MNIST: $mnist" || echo "MNIST: none at $mnist, embedded digits"
 } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
+pack
 
 if [[ "$device" == cuda* ]]; then
-    part pytest-gpu 100 "$python" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
-        tests/test_radar_synthetic.py tests/test_verification.py
+    # each test's outcome as it ends (-v), and a limit per test where pytest-timeout is there,
+    # so that one hung test neither takes the part's time nor hides the others' results
+    per_test=()
+    "$python" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 50)
+    part pytest-gpu 120 "$python" -m pytest -m gpu -v --tb=short -p no:cacheprovider \
+        ${per_test[@]+"${per_test[@]}"} tests/test_gpu.py tests/test_radar_synthetic.py \
+        tests/test_verification.py
 fi
 training=(eager-bf16 fast fast-no-hoist fast-with-batched-wgrad fast-with-forward-dgrad
     fast-with-batched-wgrad-forward-dgrad)
@@ -83,7 +115,7 @@ if [[ "$device" != cuda* ]]; then training=(eager-fp32 fast) inference=(eager-fp
 # (session 5's H100 measured the other variants: eager fp32, without the graph, without
 # compiled gates, checkpointing; its fast path forecast slower than eager, 870 against 1,021
 # sequences/s in bf16 at batch 16, hence the inference variants)
-part benchmark 220 "$python" -m experiments.benchmark --device "$device" --preset "$preset" \
+part benchmark 235 "$python" -m experiments.benchmark --device "$device" --preset "$preset" \
     --seconds "$seconds" ${data[@]+"${data[@]}"} --out "$out/benchmark.json" \
     --variants "${training[@]}" --inference-variants "${inference[@]}"
 # shellcheck disable=SC2086  # TRAIN_FLAGS: several flags

@@ -4,14 +4,17 @@ exit status (the GPU parts themselves run on a lent GPU machine)."""
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "gpu_check.sh"
 
 
 def _run(tmp_path, **settings):
     env = dict(os.environ)
-    env.update(OUT=str(tmp_path / "out"), DEVICE="cpu", PRESET="mmnist-cpu-small")
+    env.update(RESULTS=str(tmp_path / "out"), DEVICE="cpu", PRESET="mmnist-cpu-small")
     env.update(PYTHON=sys.executable, MNIST_DIR=str(tmp_path / "no-mnist"), **settings)
     return subprocess.run(
         ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300
@@ -26,7 +29,8 @@ def test_an_unknown_part_is_refused_before_anything_runs(tmp_path):
 
 
 def test_a_part_runs_and_is_summed_up(tmp_path):
-    run = _run(tmp_path, PARTS="memory-traffic conv-rates")
+    archive = tmp_path / "back" / "check.tgz"
+    run = _run(tmp_path, PARTS="memory-traffic conv-rates", ARCHIVE=str(archive))
     out = tmp_path / "out"
     assert run.returncode == 0, run.stdout + run.stderr
     machine = (out / "machine.txt").read_text()
@@ -38,6 +42,24 @@ def test_a_part_runs_and_is_summed_up(tmp_path):
     assert "dgrad_by_forward" in (out / "conv-rates.log").read_text()
     assert (out / "conv-rates.json").exists()
     assert not (out / "benchmark.log").exists()  # only the parts asked for
+    # everything packed into the one archive, as it stood after the last part
+    with tarfile.open(archive) as packed:
+        names = {Path(n).name for n in packed.getnames()}
+        assert {"machine.txt", "summary.txt", "conv-rates.json", "memory-traffic.log"} <= names
+        summary = packed.extractfile("./summary.txt").read().decode()
+    assert summary == (out / "summary.txt").read_text()
+    assert not (archive.parent / "check.tgz.part").exists()
+
+
+@pytest.mark.parametrize(
+    "archive, match",
+    [("out/inside.tgz", "must lie outside RESULTS"), ("check.zip", "a .tgz path")],
+)
+def test_a_bad_archive_is_refused_before_anything_runs(tmp_path, archive, match):
+    run = _run(tmp_path, PARTS="conv-rates", ARCHIVE=str(tmp_path / archive))
+    assert run.returncode == 2
+    assert match in run.stdout
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failing_part_fails_the_check(tmp_path):
