@@ -12,8 +12,11 @@ as its own tensor, and one concatenation (a plain copy) assembles them.
 
 Arithmetic runs in at least float32 (the gate pre-activations may be bf16 / fp16 under
 autocast); h and c come out in the promoted dtype of the inputs, as in the eager update,
-and each gradient in its input's dtype. The backward is not itself differentiable (no
-double backward).
+and each gradient in its input's dtype. With `low_precision_h`, h comes out in the
+pre-activations' dtype where that is bf16 or fp16 (under autocast): every use of h is a
+convolution that autocast would cast it for, so the forward values are the same, and the
+casts (and half of h's bytes) go; the gradients of h then arrive and are summed in that
+dtype. c stays in float32. The backward is not itself differentiable (no double backward).
 
 On the CPU, `native_lstm_update()` runs the forward in one C pass that keeps the gate
 activations, and the whole backward in another (convlstm/gates.c): no recomputation, no
@@ -47,12 +50,22 @@ def _gates(z: Tensor, c: Tensor, z_more: Tensor | None) -> tuple[Tensor, ...]:
     return torch.sigmoid(zi), torch.sigmoid(zf), torch.tanh(zg), torch.sigmoid(zo), c.to(acc)
 
 
-def gates_forward(z: Tensor, c: Tensor, z_more: Tensor | None) -> tuple[Tensor, Tensor]:
+def _h_dtype(z: Tensor, z_more: Tensor | None, out: torch.dtype, low: bool) -> torch.dtype:
+    """h's dtype: `out`, or with `low` the pre-activations' where they are bf16 or fp16."""
+    narrow = z.dtype in (torch.bfloat16, torch.float16)
+    same = z_more is None or z_more.dtype == z.dtype
+    return z.dtype if low and narrow and same else out
+
+
+def gates_forward(
+    z: Tensor, c: Tensor, z_more: Tensor | None, low_precision_h: bool = False
+) -> tuple[Tensor, Tensor]:
     """(h', c') from pre-activations z (+ z_more) (B, 4C, H, W) and the memory c (B, C, H, W)."""
     out = _result_dtype(z, c, z_more)
     i, f, g, o, c_acc = _gates(z, c, z_more)
     c_new = f * c_acc + i * g
-    return (o * torch.tanh(c_new)).to(out), c_new.to(out)
+    h_dtype = _h_dtype(z, z_more, out, low_precision_h)
+    return (o * torch.tanh(c_new)).to(h_dtype), c_new.to(out)
 
 
 def gates_backward(
@@ -77,11 +90,11 @@ def gates_backward(
 
 class _FusedUpdate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, c, z_more, kernels):
+    def forward(ctx, z, c, z_more, kernels, low_precision_h):
         forward, _ = kernels
         ctx.kernels = kernels
         ctx.save_for_backward(z, c, z_more)
-        return forward(z, c, z_more)
+        return forward(z, c, z_more, low_precision_h)
 
     @staticmethod
     @once_differentiable
@@ -92,7 +105,7 @@ class _FusedUpdate(torch.autograd.Function):
         # written in z's memory format, which the gate convolution's backward reads
         dz = torch.cat(gate_grads, dim=1, out=torch.empty_like(z, dtype=gate_grads[0].dtype))
         dz_more = None if z_more is None else dz.to(z_more.dtype)
-        return dz.to(z.dtype), dc, dz_more, None
+        return dz.to(z.dtype), dc, dz_more, None, None
 
 
 _COMPILED: list[tuple[Callable, Callable]] = []
@@ -113,13 +126,16 @@ def _compiled_kernels() -> tuple[Callable, Callable]:
     return _COMPILED[0]
 
 
-def fused_lstm_update(compiled: bool = True) -> Callable[..., tuple[Tensor, Tensor]]:
+def fused_lstm_update(
+    compiled: bool = True, low_precision_h: bool = False
+) -> Callable[..., tuple[Tensor, Tensor]]:
     """`update(z, c, z_more=None) -> (h', c')`: lstm_update with the hand-written backward;
-    `compiled` runs forward and backward as torch.compile'd kernels (else eagerly)."""
+    `compiled` runs forward and backward as torch.compile'd kernels (else eagerly);
+    `low_precision_h`: h in z's dtype where that is bf16 or fp16 (the module's docstring)."""
     kernels = _compiled_kernels() if compiled else (gates_forward, gates_backward)
 
     def update(z: Tensor, c: Tensor, z_more: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return _FusedUpdate.apply(z, c, z_more, kernels)
+        return _FusedUpdate.apply(z, c, z_more, kernels, low_precision_h)
 
     return update
 

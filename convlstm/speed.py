@@ -13,6 +13,14 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 - fused_gates: the ConvLSTM gate arithmetic (3 sigmoids, 2 tanh, products and sums) as one
   compiled kernel forward and one backward (with a hand-written backward, convlstm.gates),
   instead of about ten kernels each.
+- low_precision_h: with fused_gates, the ConvLSTM hidden state h comes out of the gate update
+  in autocast's dtype (bf16 / fp16) instead of float32; every use of h is a convolution that
+  autocast casts it for, so the forward values are the same and those casts go, with half of
+  h's bytes (the cell memory c stays float32). The gradients of h then arrive and are summed
+  in that dtype (one more rounding where h has two uses). In a dispatch trace of ConvLSTM-S's
+  CUDA options at batch 16 (experiments.memory_traffic --options-of cuda), the bytes written
+  outside the compiled kernels fell by 25-32% and the calls by 22-30% (session 19). On by
+  default on CUDA; not yet run on a GPU.
 - channels_last: parameters and states in NHWC, the layout cuDNN's bf16 kernels use.
 - cuda_graph: the whole forward and backward of a training step captured once as a CUDA graph
   and replayed: no Python or launch overhead per kernel (static shapes; CUDA only).
@@ -105,8 +113,13 @@ class SpeedOptions:
     native_gates: bool = False
     packed: bool = False
     checkpointing: bool = False
+    low_precision_h: bool = False
 
     def __post_init__(self) -> None:
+        if self.low_precision_h and not self.fused_gates:
+            raise ConfigError(
+                "low_precision_h is made by the compiled gate update: it needs fused_gates"
+            )
         if self.native_gates and self.fused_gates:
             raise ConfigError(
                 "native_gates (the CPU's C kernel) and fused_gates (compiled, for CUDA) are "
@@ -143,7 +156,9 @@ class SpeedOptions:
 
         On CUDA (H100, ConvLSTM-S: 2.8x eager bf16 at batch 16, 1.1x at batch 64): all of
         them but batched_wgrad and forward_dgrad, not yet measured on a GPU, and winograd,
-        native_gates and packed, which are for the CPU.
+        native_gates and packed, which are for the CPU. low_precision_h (since session 19,
+        not yet run on a GPU either) only drops casts and halves bytes: the same forward
+        values, the gradients of h summed in bf16.
 
         On a CPU under bf16 autocast (where AMX units run bf16 convolutions at 4-9x
         the float32 rate): hoisting; channels-last, the layout of oneDNN's fastest bf16
@@ -183,6 +198,7 @@ class SpeedOptions:
             winograd=not cuda,
             native_gates=not cuda,
             fused_gates=cuda,
+            low_precision_h=cuda,
             channels_last=cuda,
             cuda_graph=cuda,
             fused_optimizer=True,
@@ -254,7 +270,9 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
     """Switch `model` (in place) to the options' execution; returns it. Parameters, state
     dict and results (up to float rounding) are unchanged, so checkpoints move freely
     between the paths."""
-    fused = fused_lstm_update() if options.fused_gates else None
+    fused = None
+    if options.fused_gates:
+        fused = fused_lstm_update(low_precision_h=options.low_precision_h)
     if options.native_gates:
         fused = native_lstm_update()  # None without a C compiler: the eager update then
     for module in model.modules():

@@ -108,8 +108,8 @@ if [[ "$device" == cuda* ]]; then
         ${per_test[@]+"${per_test[@]}"} tests/test_gpu.py tests/test_radar_synthetic.py \
         tests/test_verification.py
 fi
-training=(eager-bf16 fast fast-no-hoist fast-with-batched-wgrad fast-with-forward-dgrad
-    fast-with-batched-wgrad-forward-dgrad)
+training=(eager-bf16 fast fast-no-low-precision-h fast-no-hoist fast-with-batched-wgrad
+    fast-with-forward-dgrad fast-with-batched-wgrad-forward-dgrad)
 inference=(eager-bf16 fast fast-no-fused-gates fast-no-graph)
 if [[ "$device" != cuda* ]]; then training=(eager-fp32 fast) inference=(eager-fp32 fast); fi
 # (session 5's H100 measured the other variants: eager fp32, without the graph, without

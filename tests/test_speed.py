@@ -9,7 +9,7 @@ import torch
 
 from convlstm import compiled, speed, training
 from convlstm.cells.base import with_input
-from convlstm.cells.lstm import lstm_update
+from convlstm.cells.lstm import ConvLSTMCell, lstm_update
 from convlstm.config import ModelConfig, TrainConfig, build
 from convlstm.errors import ConfigError, ShapeError
 from convlstm.gates import fused_lstm_update
@@ -1038,7 +1038,118 @@ def test_every_default_cuda_variant_resolves_to_options_valid_on_cuda(monkeypatc
     assert resolved["fast-with-forward-dgrad"][1] == dataclasses.replace(
         resolved["fast"][1], forward_dgrad=True
     )
+    assert resolved["fast"][1].low_precision_h
+    assert resolved["fast-no-low-precision-h"][1] == dataclasses.replace(
+        resolved["fast"][1], low_precision_h=False
+    )
     # streaming and forecasts: eager, and the fast path with and without its graphs
     inference = benchmark.default_inference_variants(names, cuda)
     assert inference == ["eager-fp32", "eager-bf16", "fast", "fast-no-graph"]
     assert not resolved["fast-no-graph"][1].cuda_graph
+
+
+@pytest.mark.parametrize("more", [False, True], ids=["z", "z+z_more"])
+def test_low_precision_h_is_the_float32_h_rounded_with_the_same_gradients(more):
+    """low_precision_h: h in z's bf16, the float32 h rounded once (what autocast would cast it
+    to at each use); c and every gradient as without it, given the same dh."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    z = torch.randn(2, 8, 3, 3).bfloat16().contiguous(memory_format=cl)
+    c = torch.randn(2, 2, 3, 3).contiguous(memory_format=cl)
+    z_more = torch.randn(2, 8, 3, 3).bfloat16().contiguous(memory_format=cl) if more else None
+    dh = torch.randn(2, 2, 3, 3).bfloat16()  # the same values for both, in each's dtype
+    dc = torch.randn(2, 2, 3, 3)
+    results = {}
+    for low in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (z, c) + ((z_more,) if more else ())]
+        update = fused_lstm_update(compiled=False, low_precision_h=low)
+        h, c_new = update(*leaves)
+        torch.autograd.backward((h, c_new), (dh.to(h.dtype), dc))
+        results[low] = (h, c_new, [t.grad for t in leaves])
+    (h32, c32, grads32), (h16, c16, grads16) = results[False], results[True]
+    assert h32.dtype == torch.float32 and h16.dtype == torch.bfloat16
+    assert torch.equal(h16, h32.bfloat16()) and torch.equal(c16, c32)
+    for g16, g32 in zip(grads16, grads32, strict=True):
+        assert g16.dtype == g32.dtype and torch.equal(g16, g32)
+
+
+def test_low_precision_h_leaves_float32_and_mixed_updates_alone():
+    update = fused_lstm_update(compiled=False, low_precision_h=True)
+    z, c = torch.randn(2, 8, 3, 3), torch.randn(2, 2, 3, 3)
+    assert [t.dtype for t in update(z, c)] == [torch.float32] * 2  # no autocast: as before
+    # a float32 z_more beside bf16 z: h in the promoted float32, as without the option
+    assert update(z.bfloat16(), c, z.clone())[0].dtype == torch.float32
+
+
+def test_with_input_casts_x_to_an_h_already_in_autocasts_dtype():
+    x = torch.randn(2, 3, 4, 4)
+    h = torch.randn(2, 5, 4, 4).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        joined = with_input(x, h.bfloat16())  # low_precision_h's h: x follows it
+        assert joined.dtype == torch.bfloat16
+        assert torch.equal(joined, torch.cat([x, h], dim=1).bfloat16())
+        assert joined.is_contiguous(memory_format=torch.channels_last)
+        assert with_input(x, h).dtype == torch.float32  # a float32 h: as before
+        assert with_input(x.double(), h.bfloat16()).dtype == torch.float64  # autocast's rule
+    assert with_input(x, h.bfloat16()).dtype == torch.float32  # no autocast: h follows x
+
+
+def test_low_precision_h_needs_the_compiled_gate_update():
+    with pytest.raises(ConfigError, match="needs fused_gates"):
+        SpeedOptions(low_precision_h=True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert SpeedOptions.for_path("fast", cuda, amp_dtype=torch.bfloat16).low_precision_h
+    assert not SpeedOptions.for_path("fast", cpu, amp_dtype=torch.bfloat16).low_precision_h
+    names = ("fast-no-fused-gates", "fast-no-low-precision-h")
+    for name in names:  # the CUDA variants that turn it off resolve
+        options = benchmark.VARIANTS[name][1](cuda, torch.bfloat16)
+        assert not options.low_precision_h
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(architecture="encoder_forecaster"),
+        dict(architecture="encoder_forecaster", encoder_attention=True, attention_channels=3),
+        dict(architecture="encoder_forecaster", bidirectional=True),
+    ],
+    ids=["stacked", "encoder-forecaster", "attention", "bidirectional"],
+)
+def test_low_precision_h_keeps_a_models_bf16_forward_and_its_gradients_close(
+    monkeypatch, overrides
+):
+    """The CUDA fast path's options (the graph aside) under bf16 autocast on the CPU, with and
+    without low_precision_h: the same forecast where h only feeds convolutions (which cast it
+    to bf16 anyway), within bf16 rounding where it also enters a sum (encoder attention's
+    h + W_o(...)); gradients within bf16 rounding."""
+    from convlstm import gates
+
+    monkeypatch.setattr(
+        gates, "_compiled_kernels", lambda: (gates.gates_forward, gates.gates_backward)
+    )
+    config = ModelConfig(hidden_channels=(6, 8), kernel_size=3, patch_size=2, **overrides)
+    options = SpeedOptions(hoist=True, fused_gates=True, channels_last=True)
+    context = torch.rand(2, 4, 1, 16, 16)
+    outs, grads = [], []
+    for low in (False, True):
+        _, model = _pair(config, dataclasses.replace(options, low_precision_h=low), torch.float32)
+        seen = set()  # what the ConvLSTM cells' gate convolutions are given, step by step
+        for cell in model.modules():
+            if isinstance(cell, ConvLSTMCell):
+                cell.conv.register_forward_pre_hook(lambda _, args: seen.add(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(context, 3)
+        # with it, [x, h] is bf16 already (h made so, x cast to it), else float32 where x is
+        assert seen == {torch.bfloat16} if low else torch.float32 in seen
+        out.float().square().mean().backward()
+        outs.append(out)
+        grads.append([p.grad for p in model.parameters()])
+    if overrides.get("encoder_attention"):
+        torch.testing.assert_close(outs[1], outs[0], rtol=0.02, atol=0.01)
+    else:
+        assert torch.equal(outs[1], outs[0])
+    for g_low, g in zip(grads[1], grads[0], strict=True):
+        # (an attention key's bias has no gradient but rounding noise: the absolute floor)
+        atol = 0.01 * g.abs().max().item() + 2e-8
+        torch.testing.assert_close(g_low, g, rtol=0.02, atol=atol)

@@ -228,10 +228,20 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = Tru
 
 def with_input(x: Tensor | None, h: Tensor) -> Tensor:
     """[x, h] along channels (just h for a cell without input); h follows x's dtype (autocast),
-    and x h's memory format (a channels-last state keeps the convolution's input channels-last,
-    where a mixed concatenation would fall back to the contiguous format)."""
+    unless h is in autocast's dtype already (convlstm.gates' low_precision_h) and x is float32:
+    then x is cast to it, as the gate convolution would cast the whole (the same values,
+    without a float32 concatenation); and x follows h's memory format (a channels-last state
+    keeps the convolution's input channels-last, where a mixed concatenation would fall back to
+    the contiguous format)."""
     if x is None:
         return h
+    kind = h.device.type
+    if (
+        x.dtype == torch.float32
+        and torch.is_autocast_enabled(kind)
+        and h.dtype == torch.get_autocast_dtype(kind)
+    ):
+        x = x.to(h.dtype)
     channels_last = torch.channels_last
     if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=channels_last):
         x = x.contiguous(memory_format=channels_last)
