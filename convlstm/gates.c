@@ -82,20 +82,21 @@ static inline uint16_t bf16_store(float x) {
 #define PLAIN(x) (x)
 
 /* One element of the forward, from the four gates' pre-activations */
-#define FORWARD_ELEMENT(T, S, PI, PF, PG, PO)                                                 \
+#define FORWARD_ELEMENT(T, S, HST, PI, PF, PG, PO)                                            \
     {                                                                                         \
         T i = sigmoid_##S(PI), f = sigmoid_##S(PF), g = tanh_##S(PG), o = sigmoid_##S(PO);    \
         T cnew = f * c[one + k] + i * g, tk = tanh_##S(cnew);                                 \
         ai[k] = i; af[k] = f; ag[k] = g; ao[k] = o;                                           \
-        cn[one + k] = cnew; t[one + k] = tk; h[one + k] = o * tk;                             \
+        cn[one + k] = cnew; t[one + k] = tk; h[one + k] = HST(o * tk);                        \
     }
 
 /* The forward: z (+ z_more, which may be NULL) -> the activations a = [i, f, g, o], the new
    memory c' = f c + i g, t = tanh(c') and h' = o t; layouts as for the backward below. The
-   pre-activations are of type Z, read with LD (bf16 under autocast: the rest in float). */
-#define DEFINE_FORWARD(T, S, Z, NAME, LD)                                                     \
+   pre-activations are of type Z, read with LD (bf16 under autocast: the rest in float), and
+   h' of type H, written with HST (bf16 with low_precision_h). */
+#define DEFINE_FORWARD(T, S, Z, NAME, LD, H, HST)                                             \
 void lstm_forward_##NAME(const Z *restrict z, const Z *restrict zm, const T *restrict c,      \
-                         T *restrict a, T *restrict cn, T *restrict t, T *restrict h,         \
+                         T *restrict a, T *restrict cn, T *restrict t, H *restrict h,         \
                          long n, long ch, long hw, int nhwc) {                                \
     LAYOUT                                                                                    \
     FOR_ROWS {                                                                                \
@@ -105,19 +106,20 @@ void lstm_forward_##NAME(const Z *restrict z, const Z *restrict zm, const T *res
         if (zm) {                                                                             \
             const Z *mi = zm + four, *mf = mi + gate, *mg = mf + gate, *mo = mg + gate;       \
             _Pragma("GCC ivdep") for (long k = 0; k < inner; k++)                             \
-                FORWARD_ELEMENT(T, S, LD(zi[k]) + LD(mi[k]), LD(zf[k]) + LD(mf[k]),           \
+                FORWARD_ELEMENT(T, S, HST, LD(zi[k]) + LD(mi[k]), LD(zf[k]) + LD(mf[k]),      \
                                 LD(zg[k]) + LD(mg[k]), LD(zo[k]) + LD(mo[k]))                 \
         } else {                                                                              \
             _Pragma("GCC ivdep") for (long k = 0; k < inner; k++)                             \
-                FORWARD_ELEMENT(T, S, LD(zi[k]), LD(zf[k]), LD(zg[k]), LD(zo[k]))             \
+                FORWARD_ELEMENT(T, S, HST, LD(zi[k]), LD(zf[k]), LD(zg[k]), LD(zo[k]))        \
         }                                                                                     \
     }                                                                                         \
 }
 
-/* The backward: dz (type Z, written with ST) and dc from the saved activations */
-#define DEFINE_BACKWARD(T, Z, NAME, ST)                                                       \
+/* The backward: dz (type Z, written with ST) and dc from the saved activations and dh (type
+   H, read with HLD) */
+#define DEFINE_BACKWARD(T, Z, NAME, ST, H, HLD)                                               \
 void lstm_backward_##NAME(const T *restrict a, const T *restrict c, const T *restrict t,      \
-                          const T *restrict dh, const T *restrict dcn, Z *restrict dz,        \
+                          const H *restrict dh, const T *restrict dcn, Z *restrict dz,        \
                           T *restrict dc, long n, long ch, long hw, int nhwc) {               \
     LAYOUT                                                                                    \
     FOR_ROWS {                                                                                \
@@ -126,7 +128,7 @@ void lstm_backward_##NAME(const T *restrict a, const T *restrict c, const T *res
         Z *zi = dz + four, *zf = zi + gate, *zg = zf + gate, *zo = zg + gate;                 \
         _Pragma("GCC ivdep") for (long k = 0; k < inner; k++) {                               \
             T i = ai[k], f = af[k], g = ag[k], o = ao[k];                                     \
-            T tk = t[one + k], dhk = dh[one + k];                                             \
+            T tk = t[one + k], dhk = HLD(dh[one + k]);                                        \
             T total = dcn[one + k] + dhk * o * (1 - tk * tk);                                 \
             zi[k] = ST(total * g * i * (1 - i));                                              \
             zf[k] = ST(total * c[one + k] * f * (1 - f));                                     \
@@ -139,11 +141,14 @@ void lstm_backward_##NAME(const T *restrict a, const T *restrict c, const T *res
 
 ACTIVATIONS(float, f32)
 ACTIVATIONS(double, f64)
-DEFINE_FORWARD(float, f32, float, f32, PLAIN)
-DEFINE_FORWARD(double, f64, double, f64, PLAIN)
-DEFINE_BACKWARD(float, float, f32, PLAIN)
-DEFINE_BACKWARD(double, double, f64, PLAIN)
+DEFINE_FORWARD(float, f32, float, f32, PLAIN, float, PLAIN)
+DEFINE_FORWARD(double, f64, double, f64, PLAIN, double, PLAIN)
+DEFINE_BACKWARD(float, float, f32, PLAIN, float, PLAIN)
+DEFINE_BACKWARD(double, double, f64, PLAIN, double, PLAIN)
 /* bf16 pre-activations (autocast's convolution output) with a float32 memory: the
    arithmetic, the saved activations, h' and c' in float32, the gradient dz in bf16 */
-DEFINE_FORWARD(float, f32, uint16_t, bf16, bf16_load)
-DEFINE_BACKWARD(float, uint16_t, bf16, bf16_store)
+DEFINE_FORWARD(float, f32, uint16_t, bf16, bf16_load, float, PLAIN)
+DEFINE_BACKWARD(float, uint16_t, bf16, bf16_store, float, PLAIN)
+/* the same with h' in bf16 (low_precision_h), and so its gradient dh */
+DEFINE_FORWARD(float, f32, uint16_t, bf16h, bf16_load, uint16_t, bf16_store)
+DEFINE_BACKWARD(float, uint16_t, bf16h, bf16_store, uint16_t, bf16_load)

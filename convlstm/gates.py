@@ -169,14 +169,17 @@ def _dense_layout(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _native_forward(z: Tensor, c: Tensor, z_more: Tensor | None, kernel):
+def _native_forward(
+    z: Tensor, c: Tensor, z_more: Tensor | None, kernel, h_dtype: torch.dtype | None = None
+):
     """gates.c's forward pass: (h', c', the activations, c and t = tanh(c') as it read and
-    wrote them, in one dense layout)."""
+    wrote them, in one dense layout); h' in `h_dtype` (the kernel's: c's unless told)."""
     layout = _dense_layout(z)
     z, c = z.contiguous(memory_format=layout), c.contiguous(memory_format=layout)
     more = None if z_more is None else z_more.contiguous(memory_format=layout)
     act = torch.empty_like(z, dtype=c.dtype)  # the memory's dtype: float32 under autocast
-    c_new, t, h = (torch.empty_like(c) for _ in range(3))
+    c_new, t = torch.empty_like(c), torch.empty_like(c)
+    h = torch.empty_like(c, dtype=h_dtype or c.dtype)
     b, ch, height, width = c.shape
     tensors = (z, more, c, act, c_new, t, h)
     nhwc = int(layout == torch.channels_last)
@@ -191,9 +194,10 @@ class _NativeUpdate(torch.autograd.Function):
     own (vectorised, within a few units in the last place of PyTorch's)."""
 
     @staticmethod
-    def forward(ctx, z, c, z_more, kernels):
-        h, c_new, act, c, t = _native_forward(z, c, z_more, kernels[0])
+    def forward(ctx, z, c, z_more, kernels, h_dtype):
+        h, c_new, act, c, t = _native_forward(z, c, z_more, kernels[0], h_dtype)
         ctx.kernel, ctx.more, ctx.z_dtype = kernels[1], z_more is not None, z.dtype
+        ctx.h_dtype = h.dtype  # the dtype the backward kernel reads dh in
         ctx.save_for_backward(act, c, t)
         return h, c_new
 
@@ -202,16 +206,19 @@ class _NativeUpdate(torch.autograd.Function):
     def backward(ctx, dh, dc_new):
         act, c, t = ctx.saved_tensors
         layout = _dense_layout(act)  # dense already: the forward made it
+        dh = dh.to(ctx.h_dtype)
         c, t, dh, dc_new = (x.contiguous(memory_format=layout) for x in (c, t, dh, dc_new))
         dz, dc = torch.empty_like(act, dtype=ctx.z_dtype), torch.empty_like(c)
         b, ch, h, w = c.shape
         tensors = (act, c, t, dh, dc_new, dz, dc)
         nhwc = int(layout == torch.channels_last)
         ctx.kernel(*(x.data_ptr() for x in tensors), b, ch, h * w, nhwc)
-        return dz, dc, dz if ctx.more else None, None
+        return dz, dc, dz if ctx.more else None, None, None
 
 
-def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
+def native_lstm_update(
+    low_precision_h: bool = False,
+) -> Callable[..., tuple[Tensor, Tensor]] | None:
     """`update(z, c, z_more=None) -> (h', c')`: lstm_update as one C kernel forward and one
     backward (convlstm/gates.c), for float32 / float64 CPU tensors of one dtype, or bf16
     pre-activations (autocast) with a float32 memory, at full shapes (anything else, e.g. a
@@ -220,7 +227,10 @@ def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
     float32 and dz bf16. Without grad the C forward runs too: its saved activations are
     dropped, and one pass still beats the eager update's dozen kernels (ConvLSTM-S streamed
     at batch 1 in bf16: 4.45 against 4.91 ms per frame; float32: 13.1 against 13.6; a
-    2-core Xeon). None where the C kernels can't be built (no C compiler)."""
+    2-core Xeon). With `low_precision_h`, where z is bf16 and c float32 and grad is enabled,
+    h' comes out in bf16 (rounded to nearest even from the same float32 value) and its
+    gradient is read in bf16, as for fused_lstm_update. None where the C kernels can't be
+    built (no C compiler)."""
     if native.load("gates") is None:
         return None
 
@@ -241,6 +251,8 @@ def native_lstm_update() -> Callable[..., tuple[Tensor, Tensor]] | None:
             return lstm_update(z, c, z_more)
         if not torch.is_grad_enabled():  # nothing to save: no autograd node (about 10 us)
             return _native_forward(z, c, z_more, kernels[0])[:2]
-        return _NativeUpdate.apply(z, c, z_more, kernels)
+        if low_precision_h and suffix == "bf16":
+            return _NativeUpdate.apply(z, c, z_more, _native_kernels("bf16h"), torch.bfloat16)
+        return _NativeUpdate.apply(z, c, z_more, kernels, None)
 
     return update

@@ -116,9 +116,10 @@ class SpeedOptions:
     low_precision_h: bool = False
 
     def __post_init__(self) -> None:
-        if self.low_precision_h and not self.fused_gates:
+        if self.low_precision_h and not (self.fused_gates or self.native_gates):
             raise ConfigError(
-                "low_precision_h is made by the compiled gate update: it needs fused_gates"
+                "low_precision_h is made by the gate update's own kernels: it needs "
+                "fused_gates or native_gates"
             )
         if self.native_gates and self.fused_gates:
             raise ConfigError(
@@ -189,6 +190,7 @@ class SpeedOptions:
                 channels_last=True,
                 batched_wgrad=not checkpointing,
                 native_gates=True,
+                low_precision_h=True,
                 packed=True,
                 fused_optimizer=True,
                 checkpointing=checkpointing,
@@ -273,8 +275,8 @@ def apply_speed(model: nn.Module, options: SpeedOptions) -> nn.Module:
     fused = None
     if options.fused_gates:
         fused = fused_lstm_update(low_precision_h=options.low_precision_h)
-    if options.native_gates:
-        fused = native_lstm_update()  # None without a C compiler: the eager update then
+    if options.native_gates:  # None without a C compiler: the eager update then
+        fused = native_lstm_update(low_precision_h=options.low_precision_h)
     for module in model.modules():
         if isinstance(module, (ConvRNN, EncoderForecaster)):
             module.hoist = options.hoist

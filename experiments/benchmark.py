@@ -82,7 +82,7 @@ VARIANTS: dict[str, tuple[str, Options]] = {
     "fast-fp32": ("fp32", _fast()),
     "fast-no-graph": ("bf16", _fast(cuda_graph=False)),
     "fast-no-fused-gates": ("bf16", _fast(fused_gates=False, low_precision_h=False)),
-    "fast-no-low-precision-h": ("bf16", _fast(low_precision_h=False)),
+    "fast-no-low-precision-h": ("auto", _fast(low_precision_h=False)),
     "fast-no-channels-last": ("auto", _fast(channels_last=False)),
     "fast-no-batched-wgrad": ("auto", _fast(batched_wgrad=False)),
     "fast-no-hoist": ("auto", _fast(hoist=False)),

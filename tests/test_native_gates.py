@@ -232,3 +232,32 @@ def test_the_c_activations_saturate_and_keep_nans(update, dtype):
     assert (act[[0, 1, 3], 0] < tiny).all() and act[2, 0].item() == -1.0
     assert act[:, 1].tolist() == [1.0, 1.0, 1.0, 1.0]
     assert act[:, 2].isnan().all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("with_more", [False, True], ids=["z", "z+z_more"])
+def test_low_precision_h_writes_h_rounded_and_reads_its_gradient_in_bf16(
+    update, channels_last, with_more
+):
+    """gates.c's bf16h pair: h' the float32 h' rounded to nearest even, and given the same
+    dh every gradient equal to the float32-h pair's; without grad, h' stays float32."""
+    torch.manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    z = torch.randn(2, 32, 5, 5).bfloat16().contiguous(memory_format=layout)
+    c = torch.randn(2, 8, 5, 5).contiguous(memory_format=layout)
+    more = torch.randn(2, 32, 5, 5).bfloat16().contiguous(memory_format=layout)
+    inputs = (z, c, more) if with_more else (z, c)
+    dh, dc = torch.randn(2, 8, 5, 5).bfloat16(), torch.randn(2, 8, 5, 5)
+    results = {}
+    for low in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        h, c_new = gates.native_lstm_update(low_precision_h=low)(*leaves)
+        torch.autograd.backward((h, c_new), (dh.to(h.dtype), dc))
+        results[low] = (h, c_new, [t.grad for t in leaves])
+    (h32, c32, grads32), (h16, c16, grads16) = results[False], results[True]
+    assert h16.dtype == torch.bfloat16 and h16.is_contiguous(memory_format=layout)
+    assert torch.equal(h16, h32.bfloat16()) and torch.equal(c16, c32)
+    for g16, g32 in zip(grads16, grads32, strict=True):
+        assert g16.dtype == g32.dtype and torch.equal(g16, g32)
+    with torch.no_grad():
+        assert gates.native_lstm_update(low_precision_h=True)(z, c)[0].dtype == torch.float32

@@ -878,8 +878,8 @@ def _relative_errors(config, options, dtype):
 @pytest.mark.parametrize("cell", ["convlstm", "convgru", "convrnn"])
 def test_the_cpu_bf16_fast_path_is_as_accurate_as_eager_bf16(monkeypatch, cell):
     """The CPU fast path under bf16 autocast (hoisting, channels-last, batched weight
-    gradients, the C gate update in float32) against float64: within a few bf16 roundings,
-    and no further from it than the eager path under the same autocast."""
+    gradients, the C gate update in float32, h in bf16) against float64: within a few bf16
+    roundings, and no further from it than the eager path under the same autocast."""
     from convlstm import gates, native
 
     config = ModelConfig(hidden_channels=(16, 8), kernel_size=3, patch_size=2, cell=cell)
@@ -889,6 +889,7 @@ def test_the_cpu_bf16_fast_path_is_as_accurate_as_eager_bf16(monkeypatch, cell):
         channels_last=True,
         batched_wgrad=True,
         native_gates=True,
+        low_precision_h=True,
         packed=True,
         fused_optimizer=True,
     )
@@ -1095,11 +1096,12 @@ def test_with_input_casts_x_to_an_h_already_in_autocasts_dtype():
 
 
 def test_low_precision_h_needs_the_compiled_gate_update():
-    with pytest.raises(ConfigError, match="needs fused_gates"):
+    with pytest.raises(ConfigError, match="needs fused_gates or native_gates"):
         SpeedOptions(low_precision_h=True)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert SpeedOptions.for_path("fast", cuda, amp_dtype=torch.bfloat16).low_precision_h
-    assert not SpeedOptions.for_path("fast", cpu, amp_dtype=torch.bfloat16).low_precision_h
+    assert SpeedOptions.for_path("fast", cpu, amp_dtype=torch.bfloat16).low_precision_h
+    assert not SpeedOptions.for_path("fast", cpu).low_precision_h  # float32: no autocast
     names = ("fast-no-fused-gates", "fast-no-low-precision-h")
     for name in names:  # the CUDA variants that turn it off resolve
         options = benchmark.VARIANTS[name][1](cuda, torch.bfloat16)
