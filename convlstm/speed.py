@@ -13,14 +13,15 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
 - fused_gates: the ConvLSTM gate arithmetic (3 sigmoids, 2 tanh, products and sums) as one
   compiled kernel forward and one backward (with a hand-written backward, convlstm.gates),
   instead of about ten kernels each.
-- low_precision_h: with fused_gates, the ConvLSTM hidden state h comes out of the gate update
-  in autocast's dtype (bf16 / fp16) instead of float32; every use of h is a convolution that
-  autocast casts it for, so the forward values are the same and those casts go, with half of
-  h's bytes (the cell memory c stays float32). The gradients of h then arrive and are summed
-  in that dtype (one more rounding where h has two uses). In a dispatch trace of ConvLSTM-S's
-  CUDA options at batch 16 (experiments.memory_traffic --options-of cuda), the bytes written
-  outside the compiled kernels fell by 25-32% and the calls by 22-30% (session 19). On by
-  default on CUDA; not yet run on a GPU.
+- low_precision_h: with fused_gates or native_gates, the ConvLSTM hidden state h comes out of
+  the gate update in autocast's dtype (bf16 / fp16) instead of float32; every use of h is a
+  convolution that autocast casts it for, so the forward values are the same and those casts
+  go, with half of h's bytes (the cell memory c stays float32). The gradients of h then
+  arrive and are summed in that dtype (one more rounding where h has two uses). In a dispatch
+  trace of ConvLSTM-S's CUDA options at batch 16 (experiments.memory_traffic --options-of
+  cuda), the bytes written outside the compiled kernels fell by 25-32% and the calls by
+  16-30% (session 19; not yet run on a GPU). On the bf16 CPU fast path (the C update, in
+  training) 1.06-1.07x on mmnist-cpu-small, 1.01x on ConvLSTM-S. On by default on both.
 - channels_last: parameters and states in NHWC, the layout cuDNN's bf16 kernels use.
 - cuda_graph: the whole forward and backward of a training step captured once as a CUDA graph
   and replayed: no Python or launch overhead per kernel (static shapes; CUDA only).
@@ -164,7 +165,8 @@ class SpeedOptions:
         On a CPU under bf16 autocast (where AMX units run bf16 convolutions at 4-9x
         the float32 rate): hoisting; channels-last, the layout of oneDNN's fastest bf16
         kernels; the weight gradient batched over the steps (per-step bf16 weight gradients
-        ran at half the rate and were summed step by step); the C gate update; and the
+        ran at half the rate and were summed step by step); the C gate update, with h in
+        bf16 (1.06-1.07x on mmnist-cpu-small, session 19); and the
         convolutions from packed weights (1.08-1.13x in training on the 4 x 128 presets,
         1.5-2.3x when streaming). Winograd, meant for float32, stays off. 2-core Xeon with
         AMX, against eager float32: mmnist-cpu-small 2.26x at batch 8 and 2.50x at batch
