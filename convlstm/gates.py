@@ -13,8 +13,8 @@ as its own tensor, and one concatenation (a plain copy) assembles them.
 Arithmetic runs in at least float32 (the gate pre-activations may be bf16 / fp16 under
 autocast); h and c come out in the promoted dtype of the inputs, as in the eager update,
 and each gradient in its input's dtype. With `low_precision_h`, h comes out in the
-pre-activations' dtype where that is bf16 or fp16 (under autocast): every use of h is a
-convolution that autocast would cast it for, so the forward values are the same, and the
+pre-activations' dtype where that is bf16 or fp16 (under autocast): where every use of h is
+a convolution that autocast would cast it for, the forward values are the same, and the
 casts (and half of h's bytes) go; the gradients of h then arrive and are summed in that
 dtype. c stays in float32. The backward is not itself differentiable (no double backward).
 

@@ -161,7 +161,8 @@ class StateMerge(nn.Module):
                 conv.bias.zero_()
 
     def forward(self, forward_state: tuple, backward_state: tuple) -> tuple:
-        # the merged states keep the states' dtype (float32 under autocast)
+        # the merged states keep the states' dtype (under autocast c in float32, h in float32
+        # or, with low_precision_h, in bf16)
         return tuple(
             conv(torch.cat([f, b], dim=1)).to(f.dtype)
             for conv, f, b in zip(self.convs, forward_state, backward_state, strict=True)

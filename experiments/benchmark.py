@@ -101,7 +101,7 @@ VARIANTS: dict[str, tuple[str, Options]] = {
         "auto",
         _fast(batched_wgrad=True, forward_dgrad=True, winograd=False, packed=False),
     ),
-    "fast-no-native-gates": ("auto", _fast(native_gates=False)),
+    "fast-no-native-gates": ("auto", _fast(native_gates=False, low_precision_h=False)),
     "fast-no-packed": ("auto", _fast(packed=False)),  # inference: F.conv2d at every step
     "fast-no-fused-optimizer": ("auto", _fast(fused_optimizer=False)),
     # inference uncompiled where "fast" / "fast-fp32" compile the streamed step and the
@@ -111,7 +111,7 @@ VARIANTS: dict[str, tuple[str, Options]] = {
     "fast-fp32-no-compile": ("fp32", _fast()),
     # the float32 CPU path's parts (Winograd and the C gate update run in float32)
     "fast-fp32-no-winograd": ("fp32", _fast(winograd=False)),
-    "fast-fp32-no-native-gates": ("fp32", _fast(native_gates=False)),
+    "fast-fp32-no-native-gates": ("fp32", _fast(native_gates=False, low_precision_h=False)),
 }
 DEFAULT_VARIANTS = {
     "cuda": [

@@ -25,8 +25,9 @@
 # script out. MNIST_DIR: a folder of the four MNIST files (on the GPU machine a copy carried
 # along, e.g. in .gpu/, which .gitignore keeps out of git); without one the runs use the
 # digits embedded in the repo. The budget run writes into $RESULTS/budget-run, its checkpoint
-# (large) deleted at the end. Limits: 565 s for the default parts plus 5 s of grace each, and
-# 60 s at most for the machine's description (seconds, normally): call it with timeout_s=600.
+# (large) deleted at the end and never packed. Limits: 545 s for the default parts plus 5 s of
+# grace each, and 60 s at most for the machine's description (seconds, normally): call it
+# with timeout_s=600.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 out=${RESULTS:-gpu-check}
@@ -70,9 +71,14 @@ data=()
 if [ -d "$mnist" ]; then data=(--mnist-dir "$mnist"); fi
 failed=0
 
-pack() { # RESULTS into ARCHIVE, if asked for (a new file, then renamed: never half-written)
+pack() { # RESULTS into ARCHIVE, if asked for (a new file, then renamed: never half-written),
+    # without checkpoints (ConvLSTM-S's is about 140 MB: over the device tool's 16 MiB a file)
     [ -n "$archive" ] || return 0
-    tar -czf "$archive.part" -C "$out" . && mv -f "$archive.part" "$archive"
+    if ! tar -czf "$archive.part" --exclude='*.pt' -C "$out" . ||
+        ! mv -f "$archive.part" "$archive"; then
+        echo "ARCHIVE: packing $out into $archive failed"
+        failed=1
+    fi
 }
 
 part() { # part NAME LIMIT_S COMMAND...: run it, log it, note its status and time
@@ -104,7 +110,7 @@ if [[ "$device" == cuda* ]]; then
     # so that one hung test neither takes the part's time nor hides the others' results
     per_test=()
     "$python" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 50)
-    part pytest-gpu 120 "$python" -m pytest -m gpu -v --tb=short -p no:cacheprovider \
+    part pytest-gpu 110 "$python" -m pytest -m gpu -v --tb=short -p no:cacheprovider \
         ${per_test[@]+"${per_test[@]}"} tests/test_gpu.py tests/test_radar_synthetic.py \
         tests/test_verification.py
 fi
@@ -115,7 +121,7 @@ if [[ "$device" != cuda* ]]; then training=(eager-fp32 fast) inference=(eager-fp
 # (session 5's H100 measured the other variants: eager fp32, without the graph, without
 # compiled gates, checkpointing; its fast path forecast slower than eager, 870 against 1,021
 # sequences/s in bf16 at batch 16, hence the inference variants)
-part benchmark 235 "$python" -m experiments.benchmark --device "$device" --preset "$preset" \
+part benchmark 225 "$python" -m experiments.benchmark --device "$device" --preset "$preset" \
     --seconds "$seconds" ${data[@]+"${data[@]}"} --out "$out/benchmark.json" \
     --variants "${training[@]}" --inference-variants "${inference[@]}"
 # shellcheck disable=SC2086  # TRAIN_FLAGS: several flags

@@ -160,6 +160,40 @@ def test_compiled_gates_equal_eager_on_cuda():
             torch.testing.assert_close(b, a)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_more", [False, True], ids=["z", "z+z_more"])
+def test_compiled_gates_with_low_precision_h_on_cuda(with_more):
+    """The compiled kernels with low_precision_h (the CUDA fast path's default): h is the
+    float32 h rounded to bf16, c and every gradient within float rounding of the compiled
+    update without it, given the same dh."""
+    device = cuda_or_skip()
+    from convlstm.gates import fused_lstm_update
+
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    make = dict(device=device)
+    z = torch.randn(4, 32, 8, 8, **make).bfloat16().contiguous(memory_format=cl)
+    c = torch.randn(4, 8, 8, 8, **make).contiguous(memory_format=cl)
+    more = torch.randn(4, 32, 8, 8, **make).bfloat16().contiguous(memory_format=cl)
+    inputs = (z, c, more) if with_more else (z, c)
+    dh, dc = torch.randn(4, 8, 8, 8, **make).bfloat16(), torch.randn(4, 8, 8, 8, **make)
+    results = {}
+    for low in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        h, c_new = fused_lstm_update(compiled=True, low_precision_h=low)(*leaves)
+        torch.autograd.backward((h, c_new), (dh.to(h.dtype), dc))
+        results[low] = (h, c_new, [t.grad for t in leaves])
+    (h32, c32, grads32), (h16, c16, grads16) = results[False], results[True]
+    assert h32.dtype == torch.float32 and h16.dtype == torch.bfloat16
+    # (two compilations may round differently in the last float32 place: bf16 of it within
+    # one bf16 step)
+    torch.testing.assert_close(h16.float(), h32.bfloat16().float(), rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(c16, c32)
+    for g16, g32 in zip(grads16, grads32, strict=True):
+        assert g16.dtype == g32.dtype
+        torch.testing.assert_close(g16.float(), g32.float(), rtol=8e-3, atol=1e-5)
+
+
 def test_streaming_graph_equals_eager_steps():
     device = cuda_or_skip()
     from convlstm.config import ModelConfig

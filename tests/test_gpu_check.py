@@ -30,6 +30,9 @@ def test_an_unknown_part_is_refused_before_anything_runs(tmp_path):
 
 def test_a_part_runs_and_is_summed_up(tmp_path):
     archive = tmp_path / "back" / "check.tgz"
+    kept = tmp_path / "out" / "budget-run" / "checkpoint.pt"  # as a budget run leaves it
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"weights")
     run = _run(tmp_path, PARTS="memory-traffic conv-rates", ARCHIVE=str(archive))
     out = tmp_path / "out"
     assert run.returncode == 0, run.stdout + run.stderr
@@ -47,6 +50,7 @@ def test_a_part_runs_and_is_summed_up(tmp_path):
         names = {Path(n).name for n in packed.getnames()}
         assert {"machine.txt", "summary.txt", "conv-rates.json", "memory-traffic.log"} <= names
         summary = packed.extractfile("./summary.txt").read().decode()
+        assert "checkpoint.pt" not in names  # over the device tool's size for a file
     assert summary == (out / "summary.txt").read_text()
     assert not (archive.parent / "check.tgz.part").exists()
 

@@ -1139,7 +1139,9 @@ def test_low_precision_h_keeps_a_models_bf16_forward_and_its_gradients_close(
         seen = set()  # what the ConvLSTM cells' gate convolutions are given, step by step
         for cell in model.modules():
             if isinstance(cell, ConvLSTMCell):
-                cell.conv.register_forward_pre_hook(lambda _, args: seen.add(args[0].dtype))
+                cell.conv.register_forward_pre_hook(
+                    lambda _, args, seen=seen: seen.add(args[0].dtype)
+                )
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(context, 3)
         # with it, [x, h] is bf16 already (h made so, x cast to it), else float32 where x is
@@ -1155,3 +1157,38 @@ def test_low_precision_h_keeps_a_models_bf16_forward_and_its_gradients_close(
         # (an attention key's bias has no gradient but rounding noise: the absolute floor)
         atol = 0.01 * g.abs().max().item() + 2e-8
         torch.testing.assert_close(g_low, g, rtol=0.02, atol=atol)
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["cpu", "cpu-amx"])
+def test_every_variant_resolves_on_each_kind_of_machine(monkeypatch, amx):
+    """A variant whose options contradict each other on some machine (say, one that turns a
+    gate kernel off where that machine's fast path writes h through it) is refused only when
+    the benchmark reaches it: every variant resolves and passes the device's check, on a CPU
+    with and without AMX-BF16 units and on CUDA (bf16 taken as supported)."""
+    monkeypatch.setattr(training, "cpu_bf16_units", lambda: amx)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        for name in benchmark.VARIANTS:
+            benchmark.resolve_variant(name, device)[1].check(device)
+
+
+def test_a_state_made_under_autocast_continues_outside_it():
+    """low_precision_h leaves h in bf16 in the state a fast run under autocast hands back:
+    a step outside autocast takes it in the parameters' dtype, as the float32 h it rounds."""
+    from convlstm.cells.lstm import ConvLSTMCell
+    from convlstm.layers import run_cell
+
+    torch.manual_seed(0)
+    cell = ConvLSTMCell(in_channels=2, hidden_channels=3, kernel_size=3)
+    frames = torch.randn(2, 3, 2, 5, 5)
+    x = frames[:, 0]
+    h, c = torch.randn(2, 3, 5, 5).bfloat16(), torch.randn(2, 3, 5, 5)
+    for hoist in (False, True):  # hoisted, W_h * h runs on the state itself
+        out, state = run_cell(cell, frames, (h, c), hoist)
+        expected, expected_state = run_cell(cell, frames, (h.float(), c), hoist)
+        assert torch.equal(out, expected) and out.dtype == torch.float32
+        assert all(torch.equal(a, b) for a, b in zip(state, expected_state, strict=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast it stays as it is
+        assert cell.prepare_state(x, (h, c))[0].dtype == torch.bfloat16
+    bf16_cell = ConvLSTMCell(in_channels=2, hidden_channels=3, kernel_size=3).bfloat16()
+    assert bf16_cell.prepare_state(x, (h, c.bfloat16()))[0].dtype == torch.bfloat16
