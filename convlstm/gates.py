@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from convlstm import native
+from convlstm.cells.base import AUTOCAST_DTYPES
 from convlstm.cells.lstm import lstm_update
 
 
@@ -52,7 +53,7 @@ def _gates(z: Tensor, c: Tensor, z_more: Tensor | None) -> tuple[Tensor, ...]:
 
 def _h_dtype(z: Tensor, z_more: Tensor | None, out: torch.dtype, low: bool) -> torch.dtype:
     """h's dtype: `out`, or with `low` the pre-activations' where they are bf16 or fp16."""
-    narrow = z.dtype in (torch.bfloat16, torch.float16)
+    narrow = z.dtype in AUTOCAST_DTYPES
     same = z_more is None or z_more.dtype == z.dtype
     return z.dtype if low and narrow and same else out
 

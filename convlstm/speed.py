@@ -18,12 +18,12 @@ What each option does (see the benchmark, experiments/benchmark.py, for what eac
   encoder-forecaster and bidirectional models every use of h is a convolution that autocast
   casts it for, so the forward values are the same and those casts go, with half of h's
   bytes (the cell memory c stays float32; encoder attention's residual h + W_o(...) adds the
-  rounded h). The gradients of h then
-  arrive and are summed in that dtype (one more rounding where h has two uses). In a dispatch
-  trace of ConvLSTM-S's CUDA options at batch 16 (experiments.memory_traffic --options-of
-  cuda), the bytes written outside the compiled kernels fell by 22-34% and the calls by
-  16-30% (session 19; not yet run on a GPU). On the bf16 CPU fast path (the C update, in
-  training) 1.06-1.07x on mmnist-cpu-small, 1.01x on ConvLSTM-S. On by default on both.
+  rounded h). The gradients of h then arrive and are summed in that dtype (one more rounding
+  where h has two uses). In a dispatch trace of ConvLSTM-S's CUDA options at batch 16
+  (experiments.memory_traffic --options-of cuda), the bytes written outside the compiled
+  kernels fell by 22-34% and the calls by 16-30% (session 19; not yet run on a GPU). On the
+  bf16 CPU fast path (the C update, in training) 1.06-1.07x on mmnist-cpu-small, 1.01x on
+  ConvLSTM-S. On by default on both.
 - channels_last: parameters and states in NHWC, the layout cuDNN's bf16 kernels use.
 - cuda_graph: the whole forward and backward of a training step captured once as a CUDA graph
   and replayed: no Python or launch overhead per kernel (static shapes; CUDA only).

@@ -90,25 +90,25 @@ def _time(fn, device: torch.device, seconds: float) -> float:
     return _rounds(fn, sync, seconds) / calls
 
 
-def _rounds(fn, sync, seconds: float) -> float:
+def _rounds(fn, sync, seconds: float, clock=time.perf_counter) -> float:
     """Median seconds of one fn() (finished by sync()) over 5 rounds of about `seconds` / 5,
     after a warm-up call. Each round makes a count of calls fixed beforehand from one timed
     call: fn may return before its work is done (a CUDA graph's replay), so a loop that
     watched the clock would queue far more work than a round's time, then wait for all of it."""
     fn()
     sync()
-    start = time.perf_counter()
+    start = clock()
     fn()
     sync()
-    once = time.perf_counter() - start
+    once = clock() - start
     count = max(1, round(seconds / 5 / max(once, 1e-9)))
     times = []
     for _ in range(5):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(count):
             fn()
         sync()  # (the calls queued until then, timed to their end)
-        times.append((time.perf_counter() - start) / count)
+        times.append((clock() - start) / count)
     return statistics.median(times)
 
 

@@ -49,7 +49,7 @@ def test_the_rates_count_one_steps_products(monkeypatch):
     assert rates["wgrad_batched"] == pytest.approx(3 * step)
 
 
-def test_rounds_make_a_fixed_count_of_calls_that_may_finish_only_at_sync(monkeypatch):
+def test_rounds_make_a_fixed_count_of_calls_that_may_finish_only_at_sync():
     """Like a CUDA graph's replay, each call here only queues 10 ms of work, which sync()
     waits for: the rounds must count their calls beforehand, not launch until the clock has
     moved (that clock would not move; the call cap turns such a loop into a failure)."""
@@ -64,8 +64,8 @@ def test_rounds_make_a_fixed_count_of_calls_that_may_finish_only_at_sync(monkeyp
         clock["now"] += 0.01 * clock["queued"]
         clock["queued"] = 0
 
-    monkeypatch.setattr(conv_rates.time, "perf_counter", lambda: clock["now"])
-    assert conv_rates._rounds(launch, sync, 0.25) == pytest.approx(0.01)
+    fake_clock = lambda: clock["now"]  # noqa: E731  (no real time is read)
+    assert conv_rates._rounds(launch, sync, 0.25, fake_clock) == pytest.approx(0.01)
     # a warm-up call, one timed call, then 5 rounds of 0.05 s / 0.01 s = 5 calls
     assert clock["calls"] == 2 + 5 * 5
 

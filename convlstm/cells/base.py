@@ -184,14 +184,14 @@ class RecurrentCell(nn.Module):
                     f"{name} state tensors must be (B, {expected[0]}, {expected[1]}, "
                     f"{expected[2]}), got {tuple(s.shape)}"
                 )
-        if any(s.dtype in _NARROW for s in state) and not torch.is_autocast_enabled(
+        if any(s.dtype in AUTOCAST_DTYPES for s in state) and not torch.is_autocast_enabled(
             state[0].device.type
         ):
             # made under autocast (h in bf16: low_precision_h), continued outside it: in the
             # parameters' dtype, which the convolutions then run in
             dtype = self.first_parameter().dtype
-            if dtype not in _NARROW:
-                return tuple(s.to(dtype) if s.dtype in _NARROW else s for s in state)
+            if dtype not in AUTOCAST_DTYPES:
+                return tuple(s.to(dtype) if s.dtype in AUTOCAST_DTYPES else s for s in state)
         return tuple(state)
 
     def step(self, x: Tensor | None, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -199,7 +199,7 @@ class RecurrentCell(nn.Module):
 
 
 # autocast's dtypes, which a state made under it may hold (convlstm.gates' low_precision_h)
-_NARROW = (torch.bfloat16, torch.float16)
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _first_parameter(module: nn.Module) -> Tensor | None:
