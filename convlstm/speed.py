@@ -326,18 +326,15 @@ class GraphedStep:
             raise ConfigError("cuda_graph needs the batches on a CUDA device")
         self.batch = batch.clone()
         self.mask = None if mask is None else mask.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                model.zero_grad(set_to_none=True)
-                forward_loss(self.batch, self.mask).backward()
-        torch.cuda.current_stream().wait_stream(side)
-        model.zero_grad(set_to_none=True)  # so backward allocates .grad inside the graph
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = forward_loss(self.batch, self.mask)
-            self.loss.backward()
+
+        def body() -> Tensor:
+            model.zero_grad(set_to_none=True)  # so backward allocates .grad inside the graph
+            loss = forward_loss(self.batch, self.mask)
+            loss.backward()
+            return loss
+
+        # warm-up passes, their gradients thrown away; streams and capture on batch's device
+        self.graph, self.loss = capture_graph(body, batch.device, warmup)
 
     def __call__(self, batch: Tensor, mask: Tensor | None) -> Tensor:
         """Run forward and backward on `batch`; returns the loss (a static buffer: copy it
@@ -351,10 +348,11 @@ class GraphedStep:
                     f"a CUDA graph replays fixed shapes: the {name} was {want} when captured, "
                     f"got {got} (keep the batch size fixed, or use path=eager)"
                 )
-        self.batch.copy_(batch, non_blocking=True)
-        if self.mask is not None:
-            self.mask.copy_(mask, non_blocking=True)
-        self.graph.replay()
+        with torch.cuda.device(self.batch.device):  # (the current stream of the graph's device)
+            self.batch.copy_(batch, non_blocking=True)
+            if self.mask is not None:
+                self.mask.copy_(mask, non_blocking=True)
+            self.graph.replay()
         return self.loss
 
 
@@ -590,8 +588,9 @@ class StreamingPredictor:
                 f"got {tuple(frame.shape)}"
             )
         if self.graph_mode:
-            self.frame.copy_(frame)
-            self.graph.replay()
+            with torch.cuda.device(self.device):  # (the current stream of the graph's device)
+                self.frame.copy_(frame)
+                self.graph.replay()
             return self.output
         if self.compiled is not None:  # the compiled step's input: one buffer, fixed strides
             self.frame.copy_(frame)  # (a frame of other strides would compile again)
