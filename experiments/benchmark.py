@@ -7,9 +7,10 @@ Measures, in order: the matrix-product ceiling of the device (bf16 on CUDA and o
 with AMX-BF16 units, else fp32); the FLOPs of one training sequence (torch's FLOP counter,
 forward and backward); the training rate of each path at each batch size, with TFLOP/s,
 share of the ceiling, peak memory (CUDA's allocator peak; on the CPU, one step's peak of live
-tensors, convlstm.memory) and warm-up time (compilation and graph capture); the latency of
-one streaming step at batch 1 and the forecast rate (the inference variants timed in turn);
-and the Moving MNIST generator's rate.
+tensors, convlstm.memory) and warm-up time (compilation and graph capture); after the first
+batch size's, the latency of one streaming step at batch 1 and the forecast rate (the
+inference variants timed in turn; before the other batch sizes, so that a run cut short keeps
+them); and the Moving MNIST generator's rate.
 Training follows OpenSTL's semantics once scheduled sampling has ended: the loss covers all
 19 predicted frames and every forecast step is fed the model's own previous prediction. One
 table last; --out also writes the numbers as JSON.
@@ -26,6 +27,7 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -592,9 +594,25 @@ def main(argv=None) -> dict:
         report["winograd_tile_transforms"] = tiles
         print(f"Winograd tile transforms: {tiles}")
 
+    def infer() -> None:  # streaming and forecasts: their table's rows
+        resolved = [resolve_variant(variant, device) for variant in inference]
+        compiles = [variant in COMPILED for variant in inference]
+        try:
+            timed = time_inference(
+                args.preset, resolved, device, args.seconds, min(args.batch_sizes), compiles
+            )
+        except Exception as err:  # reported on every variant's line
+            timed = [{"error": f"{type(err).__name__}: {err}"[:300]}] * len(inference)
+        for variant, (precision, _), times in zip(inference, resolved, timed, strict=True):
+            entry = {"variant": variant, "precision": precision, **times}
+            report["inference"].append(entry)
+            print(_infer_line(entry), flush=True)
+        save()
+
+    report["forecast_batch"] = min(args.batch_sizes)
     digits, _ = load_mnist("train", args.mnist_dir)
     spec = MovingMNISTSpec(num_frames=20)
-    for batch in args.batch_sizes:
+    for k, batch in enumerate(args.batch_sizes):
         batches = [
             generate_batch(digits, 1, range(i * batch, (i + 1) * batch), spec).to(device)
             for i in range(4)
@@ -632,21 +650,10 @@ def main(argv=None) -> dict:
             print(_train_line(entry), flush=True)
             save()
         del batches
-    report["forecast_batch"] = min(args.batch_sizes)
-    if inference:
-        resolved = [resolve_variant(variant, device) for variant in inference]
-        compiles = [variant in COMPILED for variant in inference]
-        try:
-            timed = time_inference(
-                args.preset, resolved, device, args.seconds, min(args.batch_sizes), compiles
-            )
-        except Exception as err:  # reported on every variant's line
-            timed = [{"error": f"{type(err).__name__}: {err}"[:300]}] * len(inference)
-        for variant, (precision, _), times in zip(inference, resolved, timed, strict=True):
-            entry = {"variant": variant, "precision": precision, **times}
-            report["inference"].append(entry)
-            print(_infer_line(entry), flush=True)
-        save()
+        if k == 0 and inference:
+            # after the first batch size's training, not last: a run cut short (the GPU
+            # check's time limit) loses the last training entries, not every inference row
+            infer()
     report["generator_seq_per_s"] = generator_rate(
         device, max(args.batch_sizes), args.mnist_dir, min(2.0, args.seconds)
     )
@@ -757,5 +764,20 @@ def _print_table(report: dict[str, Any]) -> None:
     print(f"Moving MNIST generator: {gen:.0f} sequences/s on the device{ratio}")
 
 
+def failed_variants(report: dict) -> list[str]:
+    """The variants with an error in any training or inference entry of `report`."""
+    entries = report["training"] + report["inference"]
+    return sorted({entry["variant"] for entry in entries if "error" in entry})
+
+
+def cli(argv=None) -> None:
+    """The command: main(), then exit status 1 where a variant failed (the table and the JSON
+    keep its error and every other variant's figures), so that a script sees it."""
+    failed = failed_variants(main(argv))
+    if failed:
+        print(f"failed: {', '.join(failed)} (errors in the table)", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    run_main(cli)

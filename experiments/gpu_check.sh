@@ -21,18 +21,25 @@
 # --seconds), TRAIN_FLAGS (more flags for the budget run, e.g. "--lr 1e-3"), PARTS (which
 # parts run, of pytest-gpu benchmark budget-run conv-rates memory-traffic; the last is not run
 # unless named, since `memory_traffic --options-of cuda` traces the GPU path on a CPU; e.g.
-# PARTS=budget-run to run one part again) and PYTHON. DEVICE=cpu with a small preset tries the
-# script out. MNIST_DIR: a folder of the four MNIST files (on the GPU machine a copy carried
-# along, e.g. in .gpu/, which .gitignore keeps out of git); without one the runs use the
-# digits embedded in the repo. The budget run writes into $RESULTS/budget-run, its checkpoint
-# (large) deleted at the end and never packed. Limits: 545 s for the default parts plus 5 s of
-# grace each, and 60 s at most for the machine's description (seconds, normally): call it
-# with timeout_s=600.
+# PARTS=budget-run to run one part again, into a new RESULTS) and PYTHON. DEVICE=cpu with a
+# small preset tries the script out. RESULTS must be new or empty (an earlier run's files
+# would be packed as this run's). MNIST_DIR: a folder of the four MNIST files (on the GPU
+# machine a copy carried along, e.g. in .gpu/, which .gitignore keeps out of git), checked
+# before anything runs; unset, ../shared/data/mnist where it exists; empty, the digits
+# embedded in the repo. The budget run writes into $RESULTS/budget-run, its checkpoint (large)
+# deleted at the end; it follows the benchmark, whose compiled kernels it finds in Inductor's
+# cache on disk (run alone on a fresh machine, it compiles them within its budget). The
+# archive leaves out checkpoints (*.pt, and *.tmp, a save cut short) and any file over 8 MiB
+# (named in left-out.txt), to stay within the device tool's 16 MiB a file. Limits: 550 s for
+# the default parts plus 5 s of grace each, and 60 s at most for the checks and the machine's
+# description (seconds, normally): call it with timeout_s=600.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 out=${RESULTS:-gpu-check}
 archive=${ARCHIVE:-}
-mnist=${MNIST_DIR:-../shared/data/mnist}
+if [ "${MNIST_DIR+set}" = set ]; then mnist=$MNIST_DIR named=1; else
+    mnist=../shared/data/mnist named=0
+fi
 device=${DEVICE:-cuda}
 preset=${PRESET:-mmnist-convlstm-s}
 budget=${BUDGET:-120}
@@ -64,19 +71,42 @@ if [ -n "$archive" ]; then
     fi
     mkdir -p "$(dirname "$archive")" || exit 2
 fi
-mkdir -p "$out" || exit 2
-: >"$out/summary.txt"
+if [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+    echo "RESULTS: $out holds an earlier run's files; name a new folder"
+    exit 2
+fi
 export CONVLSTM_OFFLINE=1 PYTHONUNBUFFERED=1
 data=()
-if [ -d "$mnist" ]; then data=(--mnist-dir "$mnist"); fi
+if [ -n "$mnist" ] && { [ "$named" = 1 ] || [ -d "$mnist" ]; }; then data=(--mnist-dir "$mnist"); fi
+# what every part imports, and the MNIST folder's two splits: a failure here would fail them all
+check="import sys, torch, convlstm.training, experiments.benchmark, experiments.moving_mnist
+print('torch', torch.__version__, 'cuda', torch.version.cuda)
+print('imports: ok')
+if len(sys.argv) > 1:
+    from datasets.mnist import load_mnist
+    for split in ('train', 'test'): load_mnist(split, sys.argv[1])
+    print('MNIST:', sys.argv[1])
+else:
+    print('MNIST: none named, embedded digits')"
+if ! checked=$(timeout 45 "$python" -c "$check" ${data[@]+"$mnist"} 2>&1); then
+    echo "before the parts: ${checked##*$'\n'}"
+    exit 2
+fi
+mkdir -p "$out" || exit 2
+: >"$out/summary.txt"
 failed=0
 
 pack() { # RESULTS into ARCHIVE, if asked for (a new file, then renamed: never half-written),
     # without checkpoints (ConvLSTM-S's is about 140 MB: over the device tool's 16 MiB a file)
+    # or files over 8 MiB, which left-out.txt names
     [ -n "$archive" ] || return 0
-    if ! tar -czf "$archive.part" --exclude='*.pt' -C "$out" . ||
-        ! mv -f "$archive.part" "$archive"; then
+    (cd "$out" && find . -type f ! -name '*.pt' ! -name '*.tmp' -size +8M) >"$out/left-out.txt"
+    if ! (cd "$out" && find . -type f ! -name '*.pt' ! -name '*.tmp' ! -size +8M -print0 |
+        tar -czf "$archive.part" --null -T -) || ! mv -f "$archive.part" "$archive"; then
         echo "ARCHIVE: packing $out into $archive failed"
+        failed=1
+    elif [ "$(stat -c %s "$archive")" -gt $((16 * 1024 * 1024)) ]; then
+        echo "ARCHIVE: $archive is over 16 MiB"
         failed=1
     fi
 }
@@ -95,24 +125,21 @@ part() { # part NAME LIMIT_S COMMAND...: run it, log it, note its status and tim
 
 {
     date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-    # what every part imports (a missing package would fail them all)
-    timeout 60 "$python" -c "import torch, convlstm.training, experiments.benchmark, \
-experiments.moving_mnist; print('torch', torch.__version__, 'cuda', torch.version.cuda)" &&
-        echo "imports: ok"
-    [ ${#data[@]} -gt 0 ] && echo "MNIST: $mnist" || echo "MNIST: none at $mnist, embedded digits"
+    timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+    echo "$checked"
 } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 pack
 
 if [[ "$device" == cuda* ]]; then
     # each test's outcome as it ends (-v), and a limit per test where pytest-timeout is there,
-    # so that one hung test neither takes the part's time nor hides the others' results
+    # so that one hung test neither takes the part's time nor hides the others' results; the
+    # two quick files first (test_gpu.py trains, and compiles the gate kernels from cold)
     per_test=()
-    "$python" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 50)
-    part pytest-gpu 110 "$python" -m pytest -m gpu -v --tb=short -p no:cacheprovider \
-        ${per_test[@]+"${per_test[@]}"} tests/test_gpu.py tests/test_radar_synthetic.py \
-        tests/test_verification.py
+    "$python" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 80)
+    part pytest-gpu 125 "$python" -m pytest -m gpu -v --tb=short -p no:cacheprovider \
+        ${per_test[@]+"${per_test[@]}"} tests/test_radar_synthetic.py \
+        tests/test_verification.py tests/test_gpu.py
 fi
 training=(eager-bf16 fast fast-no-low-precision-h fast-no-hoist fast-with-batched-wgrad
     fast-with-forward-dgrad fast-with-batched-wgrad-forward-dgrad)
@@ -121,11 +148,11 @@ if [[ "$device" != cuda* ]]; then training=(eager-fp32 fast) inference=(eager-fp
 # (session 5's H100 measured the other variants: eager fp32, without the graph, without
 # compiled gates, checkpointing; its fast path forecast slower than eager, 870 against 1,021
 # sequences/s in bf16 at batch 16, hence the inference variants)
-part benchmark 225 "$python" -m experiments.benchmark --device "$device" --preset "$preset" \
+part benchmark 220 "$python" -m experiments.benchmark --device "$device" --preset "$preset" \
     --seconds "$seconds" ${data[@]+"${data[@]}"} --out "$out/benchmark.json" \
     --variants "${training[@]}" --inference-variants "${inference[@]}"
 # shellcheck disable=SC2086  # TRAIN_FLAGS: several flags
-part budget-run $((budget + 65)) "$python" -m experiments.moving_mnist --preset "$preset" \
+part budget-run $((budget + 60)) "$python" -m experiments.moving_mnist --preset "$preset" \
     --device "$device" --path fast --time-budget "$budget" --wandb disabled \
     ${data[@]+"${data[@]}"} --checkpoint-every 0 --out "$out/budget-run" ${TRAIN_FLAGS:-}
 rm -f "$out/budget-run/checkpoint.pt"

@@ -15,7 +15,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "gpu_check.sh"
 def _run(tmp_path, **settings):
     env = dict(os.environ)
     env.update(RESULTS=str(tmp_path / "out"), DEVICE="cpu", PRESET="mmnist-cpu-small")
-    env.update(PYTHON=sys.executable, MNIST_DIR=str(tmp_path / "no-mnist"), **settings)
+    env.update(PYTHON=sys.executable, MNIST_DIR="")  # "": the embedded digits
+    env.update(settings)
     return subprocess.run(
         ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300
     )
@@ -28,16 +29,39 @@ def test_an_unknown_part_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_part_runs_and_is_summed_up(tmp_path):
+def _python_leaving_files(tmp_path) -> Path:
+    """A PYTHON for the script that, once the parts have begun, leaves in RESULTS what a budget
+    run can: its checkpoint, the temporary file of a save cut short, and a large file."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ -f "$RESULTS/summary.txt" ]; then\n'
+        '    mkdir -p "$RESULTS/budget-run" && cd "$RESULTS/budget-run" &&\n'
+        "    echo weights >checkpoint.pt && echo half >.checkpoint.pt.x1y2.tmp &&\n"
+        "    head -c 9000000 /dev/zero >large.bin && cd - >/dev/null\n"
+        "fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_a_part_runs_and_is_summed_up(tmp_path, mnist_dir):
     archive = tmp_path / "back" / "check.tgz"
-    kept = tmp_path / "out" / "budget-run" / "checkpoint.pt"  # as a budget run leaves it
-    kept.parent.mkdir(parents=True)
-    kept.write_bytes(b"weights")
-    run = _run(tmp_path, PARTS="memory-traffic conv-rates", ARCHIVE=str(archive))
+    python = _python_leaving_files(tmp_path)
+    named = {} if mnist_dir is None else {"MNIST_DIR": mnist_dir}
+    run = _run(
+        tmp_path,
+        PARTS="memory-traffic conv-rates",
+        ARCHIVE=str(archive),
+        PYTHON=str(python),
+        **named,
+    )
     out = tmp_path / "out"
     assert run.returncode == 0, run.stdout + run.stderr
     machine = (out / "machine.txt").read_text()
-    assert "imports: ok" in machine and "embedded digits" in machine
+    assert "imports: ok" in machine
+    assert f"MNIST: {mnist_dir}" in machine if mnist_dir else "embedded digits" in machine
     summary = (out / "summary.txt").read_text().splitlines()
     assert len(summary) == 2 and summary[0].startswith("conv-rates rc=0 ")
     assert summary[1].startswith("memory-traffic rc=0 ")  # (in the script's order)
@@ -50,7 +74,9 @@ def test_a_part_runs_and_is_summed_up(tmp_path):
         names = {Path(n).name for n in packed.getnames()}
         assert {"machine.txt", "summary.txt", "conv-rates.json", "memory-traffic.log"} <= names
         summary = packed.extractfile("./summary.txt").read().decode()
-        assert "checkpoint.pt" not in names  # over the device tool's size for a file
+        # over the device tool's 16 MiB a file, or (a save cut short) as large
+        assert not {"checkpoint.pt", ".checkpoint.pt.x1y2.tmp", "large.bin"} & names
+        assert packed.extractfile("./left-out.txt").read().decode() == "./budget-run/large.bin\n"
     assert summary == (out / "summary.txt").read_text()
     assert not (archive.parent / "check.tgz.part").exists()
 
@@ -63,6 +89,28 @@ def test_a_bad_archive_is_refused_before_anything_runs(tmp_path, archive, match)
     run = _run(tmp_path, PARTS="conv-rates", ARCHIVE=str(tmp_path / archive))
     assert run.returncode == 2
     assert match in run.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_results_of_an_earlier_run_are_refused_before_anything_runs(tmp_path):
+    earlier = tmp_path / "out" / "summary.txt"
+    earlier.parent.mkdir()
+    earlier.write_text("conv-rates rc=0 seconds=9\n")
+    run = _run(tmp_path, PARTS="conv-rates")
+    assert run.returncode == 2
+    assert "holds an earlier run's files; name a new folder" in run.stdout
+    assert earlier.read_text() == "conv-rates rc=0 seconds=9\n"
+    assert [p.name for p in earlier.parent.iterdir()] == ["summary.txt"]
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_a_named_mnist_folder_that_does_not_load_is_refused_first(tmp_path, folder):
+    """Without its digits the budget run's MSE would not be comparable: no silent fallback."""
+    (tmp_path / "empty").mkdir()
+    run = _run(tmp_path, PARTS="conv-rates", MNIST_DIR=str(tmp_path / folder))
+    assert run.returncode == 2
+    assert run.stdout.startswith("before the parts: ") and str(tmp_path / folder) in run.stdout
+    assert len(run.stdout.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 

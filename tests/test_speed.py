@@ -690,6 +690,71 @@ def test_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path, mnist_dir, cap
     assert "fast / eager-fp32 at batch 2" in table and "Moving MNIST generator" in table
 
 
+def test_a_failed_variant_fails_the_command_and_keeps_the_others(tmp_path, monkeypatch, capsys):
+    """The GPU check reads the benchmark's exit status: a variant that fails to build or run
+    makes it 1, with the others' figures written."""
+    monkeypatch.setattr(benchmark, "time", TickingClock())
+    real = benchmark.time_training
+
+    def failing(preset, batch, precision, options, *rest):
+        if options.hoist:  # "fast"
+            raise RuntimeError("capture failed")
+        return real(preset, batch, precision, options, *rest)
+
+    monkeypatch.setattr(benchmark, "time_training", failing)
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch-sizes", "2"]
+    argv += ["--seconds", "0.2", "--variants", "eager-fp32", "fast", "--out", str(out)]
+    argv += ["--inference-variants", "eager-fp32"]
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.cli(argv)
+    assert exit_info.value.code == 1
+    assert "failed: fast (errors in the table)" in capsys.readouterr().err
+    saved = json.loads(out.read_text())
+    eager, fast = saved["training"]
+    assert eager["train_seq_per_s"] > 0 and "error" not in eager
+    assert fast["error"] == "RuntimeError: capture failed"
+    assert benchmark.failed_variants(saved) == ["fast"]
+    saved["training"].pop()
+    assert benchmark.failed_variants(saved) == []
+
+
+def test_inference_is_timed_after_the_first_batch_size_and_saved_then(tmp_path, monkeypatch):
+    """A run cut short by the GPU check's time limit keeps the inference rows: they are timed
+    and written after the first batch size's training, before the others'."""
+    calls = []
+
+    def training(preset, batch, *rest):
+        calls.append(("train", batch))
+        return {"train_seq_per_s": 1.0, "peak_memory_gib": None, "warmup_s": 0.0}
+
+    def inference(preset, variants, device, seconds, batch, compiles):
+        calls.append(("infer", batch, json.loads(out.read_text())["inference"]))
+        return [{"stream_step_ms": 1.0, "forecast_seq_per_s": 1.0}] * len(variants)
+
+    monkeypatch.setattr(benchmark, "time_training", training)
+    monkeypatch.setattr(benchmark, "time_inference", inference)
+    monkeypatch.setattr(benchmark, "generator_rate", lambda *a: calls.append("generate") or 1.0)
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--preset", "mmnist-cpu-small", "--batch-sizes", "3", "2"]
+    argv += ["--variants", "eager-fp32", "--inference-variants", "eager-fp32"]
+    argv += ["--seconds", "0.1", "--out", str(out)]
+
+    def cut_short(*args):  # the second batch size's training: the run is stopped there
+        assert calls[-1][0] == "infer"
+        assert [e["variant"] for e in json.loads(out.read_text())["inference"]] == ["eager-fp32"]
+        raise KeyboardInterrupt
+
+    benchmark.main(argv)
+    assert calls == [("train", 3), ("infer", 2, []), ("train", 2), "generate"]
+    calls.clear()
+    monkeypatch.setattr(
+        benchmark, "time_training", lambda p, b, *r: cut_short() if b == 2 else training(p, b)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(argv)
+
+
 def test_benchmark_table_keeps_three_figures_for_slow_and_fast_rates():
     """A CPU run of ConvLSTM-S trains at about 0.5 sequences/s: one decimal would print 0.5
     for anything from 0.45 to 0.55."""
