@@ -406,6 +406,82 @@ def test_hand_written_gate_backward_returns_the_gradient_in_the_layout_of_z():
     assert seen == [True]
 
 
+@pytest.mark.parametrize("unused", ["c", "h"])
+@pytest.mark.parametrize("low", [False, True])
+def test_gate_kernels_see_one_kind_of_call_whatever_autograd_hands_back(unused, low):
+    """A compiled kernel is specialised on its inputs' requires_grad and layouts: the kernels
+    get them detached, and the gradients of h' and c' in z's layout, also where autograd
+    hands back a contiguous gradient, or none for an unused output (whose zeros were
+    contiguous, and then every earlier c gradient of a channels-last layer with them)."""
+    from convlstm import gates
+
+    calls = []
+
+    def forward(z, c, z_more, low_precision_h):
+        calls.append([t.requires_grad for t in (z, c, z_more)])
+        return gates.gates_forward(z, c, z_more, low_precision_h)
+
+    def backward(z, c, z_more, dh, dc_new):
+        cl = [t.is_contiguous(memory_format=torch.channels_last) for t in (dh, dc_new)]
+        calls.append([t.requires_grad for t in (z, c, z_more, dh, dc_new)] + cl)
+        calls.append((dh.dtype, dc_new.dtype, dh.any().item(), dc_new.any().item()))
+        return gates.gates_backward(z, c, z_more, dh, dc_new)
+
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    leaves = [
+        torch.randn(shape, requires_grad=True)
+        for shape in ((2, 8, 3, 3), (2, 2, 3, 3), (2, 8, 3, 3))
+    ]
+    z, c, more = (t.bfloat16().contiguous(memory_format=cl) for t in leaves)
+    c = leaves[1].contiguous(memory_format=cl)
+    weights = torch.randn(2, 2, 3, 3)  # a contiguous use: h's gradient arrives contiguous
+    results = []
+    for kernels in ((forward, backward), (gates.gates_forward, gates.gates_backward)):
+        h, c_new = gates._FusedUpdate.apply(z, c, more, kernels, low)
+        loss = (c_new**2).sum() if unused == "h" else (h.float() * weights).sum()
+        loss.backward()
+        results.append([t.grad.clone() for t in leaves])
+        for t in leaves:
+            t.grad = None
+    h_dtype = torch.bfloat16 if low else torch.float32
+    assert calls == [
+        [False, False, False],
+        [False] * 5 + [True, True],
+        (h_dtype, torch.float32, unused != "h", unused != "c"),
+    ]
+    for got, want in zip(*results, strict=True):  # the same gradients as before
+        assert torch.equal(got, want)
+    # and right: against the float32 update of the same (bf16-rounded) pre-activations
+    reference = [t.detach().clone().requires_grad_() for t in leaves]
+    z32, more32 = (t.bfloat16().float() for t in (reference[0], reference[2]))
+    h, c_new = lstm_update(z32, reference[1], more32)
+    (((c_new**2).sum()) if unused == "h" else (h * weights).sum()).backward()
+    tol = 1e-2 if low else 1e-5  # (with low_precision_h, dh arrives rounded to bf16)
+    torch.testing.assert_close(results[0][1], reference[1].grad, rtol=tol, atol=tol)
+    for got, want in zip(results[0][::2], reference[::2], strict=True):  # dz in bf16
+        torch.testing.assert_close(got, want.grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="torch.compile on the CPU needs C++")
+def test_a_training_step_compiles_the_gate_kernels_once_per_kind():
+    """CUDA's gate update (compiled gates, bf16 h, hoisting, channels-last), run on the CPU:
+    one compiled forward and one backward with z_more and without, however autograd hands
+    back the gradients (10 compilations on ConvLSTM-S before session 20: cold, 44 s on a
+    2-core CPU)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_channels=(8, 8), patch_size=4)
+    options = SpeedOptions(hoist=True, fused_gates=True, channels_last=True, low_precision_h=True)
+    model = apply_speed(build_model(config), options)
+    before = counters["stats"]["unique_graphs"]
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            model(torch.rand(2, 6, 1, 16, 16), 4).float().square().mean().backward()
+    assert counters["stats"]["unique_graphs"] - before <= 4
+
+
 def test_hand_written_gate_update_keeps_dtypes_of_mixed_precision():
     # bf16 pre-activations (autocast) and a float32 memory, as on the GPU: h and c in float32,
     # each gradient in its input's dtype, all within bf16 rounding of the float32 update
