@@ -30,9 +30,11 @@
 # deleted at the end; it follows the benchmark, whose compiled kernels it finds in Inductor's
 # cache on disk (run alone on a fresh machine, it compiles them within its budget). The
 # archive leaves out checkpoints (*.pt, and *.tmp, a save cut short) and any file over 8 MiB
-# (named in left-out.txt), to stay within the device tool's 16 MiB a file. Limits: 550 s for
-# the default parts plus 5 s of grace each, and 60 s at most for the checks and the machine's
-# description (seconds, normally): call it with timeout_s=600.
+# (named in left-out.txt), to stay within the device tool's 16 MiB a file; where RESULTS
+# packs to over 16 MiB, the archive keeps the last parts that fit. Limits: 550 s for the
+# default parts plus 5 s of grace each, and 60 s at most for the checks and the machine's
+# description (seconds, normally); every part ends within WITHIN seconds (590) of the start,
+# its limit cut, or it is skipped, where earlier ones ran long: call it with timeout_s=600.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 out=${RESULTS:-gpu-check}
@@ -45,7 +47,16 @@ preset=${PRESET:-mmnist-convlstm-s}
 budget=${BUDGET:-120}
 seconds=${SECONDS_PER_ENTRY:-2}
 python=${PYTHON:-python3}
+within=${WITHIN:-590}
 parts=" $(echo ${PARTS:-pytest-gpu benchmark budget-run conv-rates}) "
+for setting in "BUDGET=$budget" "WITHIN=$within"; do
+    case ${setting#*=} in
+    '' | *[!0-9]*)
+        echo "${setting%%=*}: whole seconds, got ${setting#*=}"
+        exit 2
+        ;;
+    esac
+done
 for name in $parts; do
     case $name in
     pytest-gpu | benchmark | budget-run | conv-rates | memory-traffic) ;;
@@ -88,10 +99,18 @@ if len(sys.argv) > 1:
     print('MNIST:', sys.argv[1])
 else:
     print('MNIST: none named, embedded digits')"
-if ! checked=$(timeout 45 "$python" -c "$check" ${data[@]+"$mnist"} 2>&1); then
+checked=$(timeout 45 "$python" -c "$check" ${data[@]+"$mnist"} 2>&1)
+case $? in
+0) ;;
+124)
+    echo "before the parts: the check of imports and MNIST took over 45 s"
+    exit 2
+    ;;
+*)
     echo "before the parts: ${checked##*$'\n'}"
     exit 2
-fi
+    ;;
+esac
 mkdir -p "$out" || exit 2
 : >"$out/summary.txt"
 failed=0
@@ -99,22 +118,36 @@ failed=0
 pack() { # RESULTS into ARCHIVE, if asked for (a new file, then renamed: never half-written),
     # without checkpoints (ConvLSTM-S's is about 140 MB: over the device tool's 16 MiB a file)
     # or files over 8 MiB, which left-out.txt names
+    # (an archive over 16 MiB would not come back: the last one is kept instead)
     [ -n "$archive" ] || return 0
     (cd "$out" && find . -type f ! -name '*.pt' ! -name '*.tmp' -size +8M) >"$out/left-out.txt"
     if ! (cd "$out" && find . -type f ! -name '*.pt' ! -name '*.tmp' ! -size +8M -print0 |
-        tar -czf "$archive.part" --null -T -) || ! mv -f "$archive.part" "$archive"; then
+        tar -czf "$archive.part" --null -T -); then
         echo "ARCHIVE: packing $out into $archive failed"
+        rm -f "$archive.part"
         failed=1
-    elif [ "$(stat -c %s "$archive")" -gt $((16 * 1024 * 1024)) ]; then
-        echo "ARCHIVE: $archive is over 16 MiB"
+    elif [ "$(stat -c %s "$archive.part")" -gt $((16 * 1024 * 1024)) ]; then
+        echo "ARCHIVE: $out packs to over 16 MiB; $archive keeps the last parts that fit"
+        rm -f "$archive.part"
+        failed=1
+    elif ! mv -f "$archive.part" "$archive"; then
+        echo "ARCHIVE: packing $out into $archive failed"
         failed=1
     fi
 }
 
-part() { # part NAME LIMIT_S COMMAND...: run it, log it, note its status and time
+part() { # part NAME LIMIT_S COMMAND...: run it, log it, note its status and time; within
+    # the call's time left (WITHIN seconds from the start), or skipped with under 10 s of it
     local name=$1 limit=$2
     shift 2
     [[ "$parts" == *" $name "* ]] || return 0
+    local left=$((within - SECONDS - 5))
+    if [ "$left" -lt 10 ]; then
+        echo "$name skipped: ${left} s left of WITHIN=$within" | tee -a "$out/summary.txt"
+        failed=1
+        return 0
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     local start=$SECONDS
     timeout --kill-after=5 "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?

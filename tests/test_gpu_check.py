@@ -109,8 +109,56 @@ def test_a_named_mnist_folder_that_does_not_load_is_refused_first(tmp_path, fold
     (tmp_path / "empty").mkdir()
     run = _run(tmp_path, PARTS="conv-rates", MNIST_DIR=str(tmp_path / folder))
     assert run.returncode == 2
-    assert run.stdout.startswith("before the parts: ") and str(tmp_path / folder) in run.stdout
+    assert run.stdout.startswith("before the parts: ")
+    assert str((tmp_path / folder).resolve()) in run.stdout
     assert len(run.stdout.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_archive_over_16_mib_keeps_the_last_one_that_fit(tmp_path):
+    """The device tool brings back no file over 16 MiB: parts whose files pack to more (each
+    under 8 MiB) leave the archive as it was, and the check fails."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ -f "$RESULTS/summary.txt" ]; then\n'
+        '    for i in 1 2 3; do head -c 7000000 /dev/urandom >"$RESULTS/noise$i.bin"; done\n'
+        "fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    archive = tmp_path / "back" / "check.tgz"
+    run = _run(tmp_path, PARTS="conv-rates", ARCHIVE=str(archive), PYTHON=str(wrapper))
+    assert run.returncode == 1
+    assert "packs to over 16 MiB; " in run.stdout and "keeps the last parts that fit" in run.stdout
+    assert "conv-rates rc=0 " in (tmp_path / "out" / "summary.txt").read_text()
+    assert archive.stat().st_size < 16 * 2**20 and not (archive.parent / "check.tgz.part").exists()
+    with tarfile.open(archive) as packed:  # as packed before the part: the machine's lines
+        assert {Path(n).name for n in packed.getnames()} == {
+            "machine.txt",
+            "summary.txt",
+            "left-out.txt",
+        }
+
+
+def test_parts_end_within_the_calls_time(tmp_path):
+    """A part that would end after WITHIN seconds from the start is skipped (or cut short)."""
+    run = _run(tmp_path, PARTS="conv-rates memory-traffic", WITHIN="12")
+    assert run.returncode == 1
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == [
+        "conv-rates skipped",
+        "memory-traffic skipped",
+    ]
+    assert not (tmp_path / "out" / "conv-rates.log").exists()
+
+
+@pytest.mark.parametrize("setting", ["WITHIN=ten", "BUDGET=-5", "BUDGET=1.5"])
+def test_a_bad_number_is_refused_before_anything_runs(tmp_path, setting):
+    name, value = setting.split("=")
+    run = _run(tmp_path, PARTS="conv-rates", **{name: value})
+    assert run.returncode == 2
+    assert run.stdout == f"{name}: whole seconds, got {value}\n"
     assert not (tmp_path / "out").exists()
 
 

@@ -41,7 +41,8 @@ def test_what_the_compiled_gate_functions_dispatch_is_counted_apart(capsys):
     trace = TrafficTrace()
     with torch.autograd.set_detect_anomaly(True, check_nan=False), trace:
         h, c_new = gates.fused_lstm_update(compiled=False)(z, c)  # eager: its casts show
-        (h.sum() + c_new.sum()).backward()
+        # dense gradients, in z's layout (a sum's expanded ones would be made dense: a clone)
+        torch.autograd.backward((h, c_new), (torch.ones_like(h), torch.ones_like(c_new)))
         c.detach().clone()  # outside: a row
     # forward: z cast to float32 (2*8*9 floats) and h, c' to their dtype (no-op casts
     # included); backward: the recomputation's and the gradients' casts
