@@ -385,6 +385,8 @@ def train(
     # time_budget: time steps [CALIBRATION[0], CALIBRATION[1]) once warm, then size the run.
     calibrate = CALIBRATION if cfg.time_budget else None
     calibration_start = paused_at_start = 0.0
+    # this run's first CALIBRATION[0] steps (compilation, cuDNN's choices, graph capture)
+    warmup_seconds: float | None = None
     losses: list[tuple[int, float]] = []  # (step, mean loss over the log window)
     throughput: list[tuple[int, float]] = []  # (step, training sequences/s over the window)
     metrics: dict[str, Any] = {}
@@ -411,6 +413,10 @@ def train(
         window_steps += 1
         progress.update(1)
         step = done = step + 1
+        if warmup_seconds is None and done in (start_step + CALIBRATION[0], cfg.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # once per run: the clock must see the GPU
+            warmup_seconds = time.perf_counter() - train_start - paused_total
         if calibrate is not None and done in calibrate:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # twice per run: the clock must see the GPU
@@ -487,6 +493,8 @@ def train(
         "parameters": count_parameters(model),
         "train_seconds": train_seconds,
         "train_seq_per_s": steps_run * cfg.batch_size / train_seconds if steps_run else 0.0,
+        # the first 5 steps of this run, pauses excluded: what compiling and capturing cost
+        "warmup_seconds": warmup_seconds,
         # CUDA: the allocator's peak over the loop; CPU: the second step's live tensors
         "peak_memory_gib": peak_bytes / 2**30,
         "config": {"model": to_dict(model_config), "train": to_dict(cfg)},

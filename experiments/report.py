@@ -38,6 +38,10 @@ def train_summary(result: dict[str, Any]) -> dict[str, Any]:
         "steps": result["config"]["train"]["steps"],
         "seconds": round(result["train_seconds"], 1),
         "seq_per_s": round(result["train_seq_per_s"], 2),
+        # the first 5 steps (compilation, graph capture), inside `seconds`
+        "warmup_seconds": None
+        if result["warmup_seconds"] is None
+        else round(result["warmup_seconds"], 1),
         # CUDA: the allocator's peak over the loop; CPU: the second step's live tensors
         "peak_memory_gib": round(result["peak_memory_gib"], 4),
         "device": result["device"],

@@ -691,6 +691,8 @@ def test_time_budget_sizes_the_run_from_its_timed_steps(tmp_path, monkeypatch):
     train_cfg = result["config"]["train"]
     assert (train_cfg["steps"], train_cfg["ss_decay_steps"]) == (40, 20)
     assert result["losses"][-1][0] == 40
+    # the first 5 steps, as the budget counts them: what compiling costs a budget run
+    assert result["warmup_seconds"] == 5 * 0.0625 and result["train_seconds"] == 40 * 0.0625
     payload = torch.load(result["checkpoint"], weights_only=False)
     assert payload["step"] == 40 and payload["train_config"]["steps"] == 40
 
@@ -714,6 +716,33 @@ def test_time_budget_leaves_evaluation_out_of_the_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "evaluate", slow_eval)
     result = _budget_run(tmp_path, monkeypatch, clock, eval_every=10)
     assert result["config"]["train"]["steps"] == 40
+
+
+@pytest.mark.parametrize("steps, first", [(8, 5), (3, 3)])
+def test_warmup_seconds_are_the_first_steps_without_evaluations(
+    tmp_path, monkeypatch, steps, first
+):
+    """Every run reports its first 5 steps' time (compilation, graph capture), evaluations
+    and saving left out; a shorter run, all of it."""
+    clock = FakeClock(lambda step: 0.5)
+    real_eval = training.evaluate
+
+    def slow_eval(*args, **kwargs):
+        clock.now += 30.0
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(training, "time", clock)
+    monkeypatch.setattr(training, "evaluate", slow_eval)
+    result = _train(
+        tmp_path,
+        "warm",
+        batches=clock.batches,
+        steps=steps,
+        eval_every=2,
+        log_every=4,
+        checkpoint_every=0,
+    )
+    assert result["warmup_seconds"] == first * 0.5
 
 
 def test_time_budget_needs_more_nominal_steps_than_it_times(tmp_path):

@@ -56,6 +56,7 @@ def test_main_job_lowers_the_loss_and_writes_every_output(tmp_path, mnist_dir):
     assert len(saved["model"]["per_lead"]["mse_frame"]) == 10
     assert "generated: 8 sequences" in saved["test_set"]
     assert 0 < saved["train"]["peak_memory_gib"] < 1
+    assert 0 < saved["train"]["warmup_seconds"] <= saved["train"]["seconds"]
     assert (out / "forecast.gif").stat().st_size > 0
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 30
 
