@@ -413,14 +413,15 @@ def train(
         window_steps += 1
         progress.update(1)
         step = done = step + 1
-        if warmup_seconds is None and done in (start_step + CALIBRATION[0], cfg.steps):
+        warmed = warmup_seconds is None and done in (start_step + CALIBRATION[0], cfg.steps)
+        timing = calibrate is not None and done in calibrate
+        if warmed or timing:  # at steps 5 and 25 only: one clock reading for both
             if device.type == "cuda":
-                torch.cuda.synchronize(device)  # once per run: the clock must see the GPU
-            warmup_seconds = time.perf_counter() - train_start - paused_total
-        if calibrate is not None and done in calibrate:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # twice per run: the clock must see the GPU
+                torch.cuda.synchronize(device)  # the clock must see the GPU
             now = time.perf_counter()
+        if warmed:
+            warmup_seconds = now - train_start - paused_total
+        if timing:
             if done == calibrate[0]:
                 calibration_start, paused_at_start = now, paused_total
             else:
