@@ -4,9 +4,11 @@ cell whatever its speed options; recompiled when the weights change and only the
 StreamingPredictor.fast's choice of it. Each compilation takes a few seconds."""
 
 import dataclasses
+import gc
 import threading
 import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -295,6 +297,52 @@ def test_a_tensor_of_a_new_kind_compiles_anew_though_the_models_guards_are_dropp
         with torch.no_grad():
             want = conv(arg).relu().flatten(1).cumsum(1)
         torch.testing.assert_close(step(arg)[0], want, rtol=1e-5, atol=1e-5)
+
+
+@compiles
+def test_a_compilations_frozen_weights_are_freed_when_it_compiles_again_or_is_dropped():
+    """Each compilation freezes its own copy of the weights (packed for oneDNN): the copy
+    is freed when the step compiles again for new weights, and the last one when the step
+    itself is dropped (Inductor's code cache and Dynamo's entries once kept every copy for
+    the life of the process)."""
+    from torch._inductor.codecache import PyCodeCache
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+
+    def frozen_copies(known: list) -> list:
+        """Weak references to the frozen tensors of the modules Inductor loaded since
+        `known` (weak references to the modules loaded before) that are not parameters."""
+        new = [m for m in PyCodeCache.modules if not any(k() is m for k in known)]
+        return [
+            weakref.ref(value)
+            for module in new
+            for name, value in vars(module).items()
+            if name.startswith("_frozen_param") and isinstance(value, torch.Tensor)
+            if not any(value is p for p in conv.parameters())
+        ]
+
+    def modules_now() -> list:
+        return [weakref.ref(m) for m in PyCodeCache.modules]
+
+    known = modules_now()
+    step = compiled.FrozenStep(lambda x: (conv(x),), conv)
+    step.warm(x)
+    first = frozen_copies(known)
+    assert first and all(ref() is not None for ref in first)
+    with torch.no_grad():
+        conv.weight.mul_(0.5)
+        want = conv(x)
+    known = modules_now()
+    torch.testing.assert_close(step(x)[0], want, rtol=1e-5, atol=1e-6)  # compiled again
+    gc.collect()
+    assert all(ref() is None for ref in first)
+    second = frozen_copies(known)
+    assert second and all(ref() is not None for ref in second)
+    del step
+    gc.collect()
+    assert all(ref() is None for ref in second)
 
 
 def test_where_settings_are_one_for_the_process_calls_take_turns_and_restore_it(monkeypatch):
