@@ -28,8 +28,9 @@ after changing them, or module-level globals, torch function modes or the defaul
 Compiling takes seconds (Inductor keeps what it built in its on-disk cache, so the next
 process takes fewer): recompiling after every small change of the weights is not what this is
 for. A compilation's frozen copy of the weights is let go when the step compiles again and
-when the step itself is garbage: Dynamo's entries for its code are reset, and Inductor's code
-cache and sys.modules drop the modules that hold the constants (otherwise both keep them for
+when the step itself is collected (a StreamingPredictor is in a reference cycle: then when
+Python's cycle collector next runs): Dynamo's entries for its code are reset, and Inductor's
+code cache and sys.modules drop the modules that hold the constants (otherwise both keep them for
 the life of the process: each compilation of a ConvLSTM-S step, 45 MiB of weights, left
 46 MiB more RSS behind, with glibc's mmap threshold held at 128 KiB; now under 1 MiB).
 
@@ -184,14 +185,14 @@ class FrozenStep:
             saved = config.freezing, config.cpp_wrapper
             config.freezing, config.cpp_wrapper = self.frozen, True
             loaded = _loaded_modules()
-            count = len(loaded)
+            before = len(loaded), _RELEASES[0]
             try:
                 with torch.no_grad():  # (freezing is for inference only)
                     return self.compiled(*args)
             finally:
                 config.freezing, config.cpp_wrapper = saved
-                if len(loaded) > count:  # this call compiled: note the modules it loaded
-                    self.made[1].extend(m for m in loaded[count:] if _holds_constants(m))
+                if (len(loaded), _RELEASES[0]) != before:  # compiled, or a release ran
+                    self.made[1].extend(_claim(loaded))
 
     def warm(self, *example: Tensor) -> tuple[Tensor, ...]:
         """Compile for arguments like `example` (shapes, strides, dtypes: other kinds compile
@@ -219,8 +220,28 @@ def _loaded_modules() -> list[types.ModuleType]:
         return []
 
 
-def _holds_constants(module: types.ModuleType) -> bool:
-    return any(name.startswith("_frozen_param") for name in vars(module))
+# the loaded modules with frozen constants that a FrozenStep's compilation has taken as its
+# own, and how many releases have run (a release shortens the list of loaded modules, so
+# its length alone does not tell what a call loaded)
+_CLAIMED: weakref.WeakSet[types.ModuleType] = weakref.WeakSet()
+_RELEASES = [0]
+
+
+def _claim(loaded: list[types.ModuleType]) -> list[types.ModuleType]:
+    """The loaded modules with frozen constants that no compilation has claimed yet, claimed.
+    Called after a call that loaded modules (or during which a release ran: the finalizer of
+    a dropped step may run at any collection, a compilation's included). A module another
+    thread's step loaded meanwhile may be claimed here instead of there: whichever
+    compilation is released first drops it from the cache, and its own graph still holds
+    it."""
+    new = [
+        m
+        for m in list(loaded)
+        if m not in _CLAIMED and any(n.startswith("_frozen_param") for n in vars(m))
+    ]
+    for module in new:
+        _CLAIMED.add(module)
+    return new
 
 
 def _release(code: types.CodeType, modules: list[types.ModuleType]) -> None:
@@ -233,6 +254,7 @@ def _release(code: types.CodeType, modules: list[types.ModuleType]) -> None:
     except ImportError:  # (not in this build: nothing is let go)
         return
     reset_code(code)
+    _RELEASES[0] += 1
     loaded = _loaded_modules()
     for module in modules:
         while module in loaded:  # (modules compare by identity)

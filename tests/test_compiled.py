@@ -345,6 +345,56 @@ def test_a_compilations_frozen_weights_are_freed_when_it_compiles_again_or_is_dr
     assert all(ref() is None for ref in second)
 
 
+@compiles
+def test_a_step_dropped_in_a_cycle_is_freed_by_a_collection_amid_another_compilation(
+    monkeypatch,
+):
+    """A dropped step in a reference cycle (as a compiled StreamingPredictor is) is let go
+    whenever the cycle collector runs, here inside another step's compilation: both
+    compilations' frozen weights are still freed (a release that shortened Inductor's list
+    of modules mid-call once hid the other compilation's modules from it)."""
+    from torch._inductor.codecache import PyCodeCache
+
+    torch.manual_seed(0)
+    convs = [torch.nn.Conv2d(3, 8, 3, padding=1) for _ in range(2)]
+    x = torch.randn(2, 3, 8, 8)
+
+    def frozen_copies(conv) -> list:
+        return [
+            weakref.ref(value)
+            for module in PyCodeCache.modules
+            for name, value in vars(module).items()
+            if name.startswith("_frozen_param") and isinstance(value, torch.Tensor)
+            if value.shape[0] == 8 and not any(value is p for p in conv.parameters())
+        ]
+
+    first = compiled.FrozenStep(lambda x: (convs[0](x),), convs[0])
+    first.warm(x)
+    first_copies = frozen_copies(convs[0])
+    assert first_copies
+    first.cycle = first
+    del first  # garbage, but only the cycle collector will see it
+    load = PyCodeCache.load_by_key_path.__func__
+    collected = []
+
+    def load_after_collecting(cls, *args, **kwargs):
+        collected.append(gc.collect())
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PyCodeCache, "load_by_key_path", classmethod(load_after_collecting))
+    known = {id(ref()) for ref in first_copies}
+    second = compiled.FrozenStep(lambda x: (convs[1](x),), convs[1])
+    second.warm(x)
+    monkeypatch.undo()
+    gc.collect()  # (what the release let go of may itself be in cycles)
+    assert collected and all(ref() is None for ref in first_copies)
+    second_copies = [r for r in frozen_copies(convs[1]) if id(r()) not in known]
+    assert second_copies
+    del second
+    gc.collect()
+    assert all(ref() is None for ref in second_copies)
+
+
 def test_where_settings_are_one_for_the_process_calls_take_turns_and_restore_it(monkeypatch):
     """Where Inductor's freezing is one setting for the process (torch 2.11; forced here), a
     call in another thread that needs it set otherwise (a float64 step, unfrozen) must
